@@ -1,0 +1,92 @@
+"""The ``aimkp`` command: tiny offline models, the demo dataset, and an activation check.
+
+    aimkp models tiny --out build/tiny [--name llava ...] [--force]
+    aimkp data demo --out data/demo
+    aimkp doctor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+
+PTH_NAME = "aimkp_plugin.pth"
+
+
+def _models_tiny(options: argparse.Namespace) -> int:
+    from .models.tiny import build_tiny_model
+
+    for name in options.name:
+        path = build_tiny_model(name, Path(options.out) / name, force=options.force)
+        print(f"{name}: {path}")
+    return 0
+
+
+def _data_demo(options: argparse.Namespace) -> int:
+    from .data.demo import build_demo_dataset
+
+    print(f"demo dataset: {build_demo_dataset(options.out)}")
+    return 0
+
+
+def _doctor(options: argparse.Namespace) -> int:
+    """Report whether the ``.pth`` activation is installed and the patches apply in a fresh LLaMA-Factory import."""
+    from . import __version__
+    from .integration import patches
+
+    pth = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
+    finder = any(getattr(item, "_aimkp_post_import_finder", False) for item in sys.meta_path)
+    report = {
+        "aimkp_plugin": __version__,
+        "pth_file": str(pth) if pth.is_file() else None,
+        "post_import_hook": finder,
+        "disabled": os.environ.get("AIMKP_PLUGIN_DISABLE") or None,
+    }
+    try:
+        report["llamafactory"] = patches.installed_llamafactory_version()
+        report["llamafactory_problem"] = patches.llamafactory_version_problem(report["llamafactory"])
+        status = patches.apply_aimkp_to_llamafactory()
+        report.update(applied=status.applied, failed=status.failed, inactive_reason=status.inactive_reason)
+    except ImportError as err:
+        report["llamafactory"] = None
+        report["llamafactory_problem"] = f"llamafactory is not importable: {err}"
+    print(json.dumps(report, indent=2))
+    healthy = finder and report["pth_file"] and not report.get("failed") and not report.get("inactive_reason")
+    return 0 if healthy else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.tiny import TINY_MODELS
+
+    parser = argparse.ArgumentParser(prog="aimkp", description="AimKP for LLaMA-Factory: tools around training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="Build models.").add_subparsers(dest="what", required=True)
+    tiny = models.add_parser("tiny", help="Build tiny random-init multimodal models (offline, cached).")
+    tiny.add_argument("--out", required=True, help="Folder; each model goes to OUT/<name>.")
+    tiny.add_argument("--name", nargs="+", choices=list(TINY_MODELS), default=list(TINY_MODELS), help="Models.")
+    tiny.add_argument("--force", action="store_true", help="Rebuild even if a matching build exists.")
+    tiny.set_defaults(run=_models_tiny)
+
+    data = commands.add_parser("data", help="Build datasets.").add_subparsers(dest="what", required=True)
+    demo = data.add_parser("demo", help="The demo CMKP dataset: real tiny CMKP records plus generated images.")
+    demo.add_argument("--out", required=True, help="Folder for the splits, images and dataset_info.json.")
+    demo.set_defaults(run=_data_demo)
+
+    doctor = commands.add_parser("doctor", help="Check that the plugin activates inside LLaMA-Factory.")
+    doctor.set_defaults(run=_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    return options.run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

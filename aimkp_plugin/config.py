@@ -1,0 +1,241 @@
+"""The plugin's YAML keys (all prefixed ``aimkp``), their defaults (the authors' run, see the spec) and their checks.
+
+Pure Python: parsing and validating a config never imports torch, transformers or LLaMA-Factory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+KEY_PREFIX = "aimkp"
+MODALITIES = ("text", "image")
+SUPPORTED_STAGES = ("sft",)
+THRESHOLD_RANGE = (-1.0, 1.0)
+TRUE_STRINGS = ("true", "1", "yes", "on")
+FALSE_STRINGS = ("false", "0", "no", "off")
+
+
+class AimkpConfigError(ValueError):
+    """An ``aimkp*`` key, or its combination with the rest of the training config, is invalid."""
+
+
+@dataclass
+class AimkpArguments:
+    """AimKP options read from an ordinary LLaMA-Factory YAML (or ``key=value`` overrides on the command line)."""
+
+    aimkp: bool = field(
+        default=False,
+        metadata={"help": "Train with AimKP (Progressive Modality Masking + Gradient-Based Filtering). SFT only."},
+    )
+    aimkp_text_threshold: float = field(
+        default=0.1,
+        metadata={
+            "help": "tau_text in [-1, 1]: a text-masked copy whose gradient has cosine < tau_text with the original's "
+            "gradient is dropped, and the sample's text stride stops growing."
+        },
+    )
+    aimkp_image_threshold: float = field(
+        default=0.4,
+        metadata={"help": "tau_image in [-1, 1]: the same rule for the image-masked copy."},
+    )
+    aimkp_init_stride: int = field(
+        default=1,
+        metadata={
+            "help": "Initial masking stride gamma (>= 1) of every sample and modality. With 1 a sample is not masked "
+            "in its first epoch, then stride 2, 4, 8, ... while its masked copies agree with the original."
+        },
+    )
+    aimkp_modalities: list[str] = field(
+        default_factory=lambda: list(MODALITIES),
+        metadata={
+            "help": "Which modalities get masked copies: a list or comma-separated string of "
+            f"{', '.join(MODALITIES)}. Use one of them alone for ablations."
+        },
+    )
+    aimkp_filter: bool = field(
+        default=True,
+        metadata={"help": "Gradient-Based Filtering. False keeps every masked copy (masking without filtering)."},
+    )
+    aimkp_progressive: bool = field(
+        default=True,
+        metadata={"help": "Progressive strides. False keeps every stride fixed at aimkp_init_stride."},
+    )
+    aimkp_skip_bad_records: bool = field(
+        default=False,
+        metadata={
+            "help": "For cmkp datasets: skip unusable records (missing image, empty text, ...) and report them, "
+            "instead of stopping with an error. Applies to plain SFT too."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.aimkp = _to_bool("aimkp", self.aimkp)
+        self.aimkp_filter = _to_bool("aimkp_filter", self.aimkp_filter)
+        self.aimkp_progressive = _to_bool("aimkp_progressive", self.aimkp_progressive)
+        self.aimkp_skip_bad_records = _to_bool("aimkp_skip_bad_records", self.aimkp_skip_bad_records)
+        for name in ("aimkp_text_threshold", "aimkp_image_threshold"):
+            value = _to_float(name, getattr(self, name))
+            low, high = THRESHOLD_RANGE
+            if not low <= value <= high:
+                raise AimkpConfigError(f"{name} must be a cosine in [{low:g}, {high:g}], got {value!r}.")
+            setattr(self, name, value)
+        self.aimkp_init_stride = _to_int("aimkp_init_stride", self.aimkp_init_stride)
+        if self.aimkp_init_stride < 1:
+            raise AimkpConfigError(f"aimkp_init_stride must be an integer >= 1, got {self.aimkp_init_stride}.")
+        self.aimkp_modalities = _to_modalities(self.aimkp_modalities)
+
+    @property
+    def threshold(self) -> dict[str, float]:
+        return {"text": self.aimkp_text_threshold, "image": self.aimkp_image_threshold}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {item.name: getattr(self, item.name) for item in fields(self)}
+
+
+KNOWN_KEYS = tuple(item.name for item in fields(AimkpArguments))
+
+
+def is_aimkp_key(key: object) -> bool:
+    return isinstance(key, str) and (key == KEY_PREFIX or key.startswith(KEY_PREFIX + "_"))
+
+
+def _to_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in TRUE_STRINGS + FALSE_STRINGS:
+        return value.strip().lower() in TRUE_STRINGS
+    raise AimkpConfigError(f"{name} must be true or false, got {value!r}.")
+
+
+def _to_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise AimkpConfigError(f"{name} must be a number, got {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise AimkpConfigError(f"{name} must be a number, got {value!r}.") from None
+
+
+def _to_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise AimkpConfigError(f"{name} must be an integer, got {value!r}.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AimkpConfigError(f"{name} must be an integer, got {value!r}.") from None
+    if not number.is_integer():
+        raise AimkpConfigError(f"{name} must be an integer, got {value!r}.")
+    return int(number)
+
+
+def _to_modalities(value: Any) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise AimkpConfigError(f"aimkp_modalities must be a list or a comma-separated string, got {value!r}.")
+    chosen = [str(item).strip().lower() for item in items if str(item).strip()]
+    unknown = [item for item in chosen if item not in MODALITIES]
+    if unknown or not chosen:
+        raise AimkpConfigError(
+            f"aimkp_modalities must name one or more of: {', '.join(MODALITIES)}; got {value!r}."
+        )
+    return [modality for modality in MODALITIES if modality in chosen]  # canonical order, no duplicates
+
+
+def parse_aimkp_arguments(raw: dict[str, Any]) -> AimkpArguments:
+    """Build ``AimkpArguments`` from the ``aimkp*`` keys of a config; unknown ``aimkp_`` keys get a suggestion."""
+    for key in raw:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise AimkpConfigError(f"Unknown key {key!r}.{hint} Known aimkp keys: {', '.join(KNOWN_KEYS)}.")
+    return AimkpArguments(**raw)
+
+
+def split_aimkp_keys(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a config dict into (the ``aimkp*`` keys, everything else)."""
+    ours = {key: value for key, value in config.items() if is_aimkp_key(key)}
+    rest = {key: value for key, value in config.items() if not is_aimkp_key(key)}
+    return ours, rest
+
+
+def split_aimkp_argv(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``--key value`` / ``--key=value`` command-line arguments into (the ``aimkp*`` keys, the rest).
+
+    A bare ``--aimkp_flag`` followed by another option (or nothing) means ``true``, as in HfArgumentParser.
+    """
+    ours: dict[str, Any] = {}
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        item = argv[index]
+        name = item[2:].split("=", 1)[0] if item.startswith("--") else ""
+        if not is_aimkp_key(name):
+            rest.append(item)
+            index += 1
+            continue
+        if "=" in item:
+            ours[name] = item.split("=", 1)[1]
+            index += 1
+        elif index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+            ours[name] = argv[index + 1]
+            index += 2
+        else:
+            ours[name] = True
+            index += 1
+    return ours, rest
+
+
+def argv_value(argv: list[str], name: str) -> Any:
+    """The value of ``--name`` in an argument list (``True`` for a bare flag), or ``None``."""
+    for index, item in enumerate(argv):
+        if item == f"--{name}":
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            return True if following is None or following.startswith("--") else following
+        if item.startswith(f"--{name}="):
+            return item.split("=", 1)[1]
+    return None
+
+
+def check_training_config(args: AimkpArguments, stage: Any, packing: Any, neat_packing: Any, use_ray: Any) -> None:
+    """Reject training setups AimKP cannot run with; called only when ``aimkp: true``."""
+    stage = stage or "sft"
+    if stage not in SUPPORTED_STAGES:
+        raise AimkpConfigError(
+            f"aimkp: true needs stage one of: {', '.join(SUPPORTED_STAGES)}; got stage: {stage}. "
+            "Set stage: sft, or remove aimkp."
+        )
+    for name, value in (("packing", packing), ("neat_packing", neat_packing)):
+        if value is not None and _to_bool(name, value):
+            raise AimkpConfigError(
+                f"aimkp: true cannot be combined with {name}: true (masking needs one sample per sequence). "
+                f"Set {name}: false."
+            )
+    if use_ray is not None and _to_bool("use_ray", use_ray):
+        raise AimkpConfigError("aimkp: true does not support use_ray: true yet; use torchrun (FORCE_TORCHRUN=1).")
+
+
+IMAGE_CONFIG_KEYS = ("vision_config", "image_token_index", "image_token_id", "mm_vision_tower")
+
+
+def has_image_input(model_config: dict[str, Any]) -> bool:
+    """True when a model's ``config.json`` describes an image input (a vision tower or an image token)."""
+    return any(key in model_config for key in IMAGE_CONFIG_KEYS)
+
+
+def check_model_has_image_input(model_name_or_path: str, model_config: dict[str, Any]) -> None:
+    if not has_image_input(model_config):
+        model_type = model_config.get("model_type", "unknown")
+        raise AimkpConfigError(
+            f"aimkp: true needs a model with image input, but {model_name_or_path} (model_type {model_type}) has "
+            f"none: its config has none of {', '.join(IMAGE_CONFIG_KEYS)}. Use a vision-language model such as "
+            "LLaVA-1.5 or Qwen2-VL."
+        )
+
+
+def plugin_disabled() -> bool:
+    """``AIMKP_PLUGIN_DISABLE=1`` (or true/yes/on) turns the plugin off."""
+    return os.environ.get("AIMKP_PLUGIN_DISABLE", "").strip().lower() in TRUE_STRINGS

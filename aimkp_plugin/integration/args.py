@@ -1,0 +1,154 @@
+"""Touch point: LLaMA-Factory's argument reading (``hparams.parser.read_args``) and training entry (``tuner``).
+
+The ``aimkp*`` keys are taken out of the config before LLaMA-Factory's ``HfArgumentParser`` sees them (it rejects
+unknown keys), validated, and kept for this process in :func:`active_arguments`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..config import (
+    TRUE_STRINGS,
+    AimkpArguments,
+    AimkpConfigError,
+    argv_value,
+    check_model_has_image_input,
+    check_training_config,
+    parse_aimkp_arguments,
+    split_aimkp_argv,
+    split_aimkp_keys,
+)
+from . import patches
+
+
+_active_arguments: AimkpArguments | None = None
+
+
+class AimkpNotImplementedError(NotImplementedError):
+    """``aimkp: true`` asked for a part of the method this version does not have yet."""
+
+
+def active_arguments() -> AimkpArguments | None:
+    """The AimKP options of the run in this process, or None when its config had no ``aimkp*`` key."""
+    return _active_arguments
+
+
+def set_active_arguments(arguments: AimkpArguments | None) -> None:
+    global _active_arguments
+    _active_arguments = arguments
+
+
+def _config_value(config: dict[str, Any] | list[str], name: str) -> Any:
+    return config.get(name) if isinstance(config, dict) else argv_value(config, name)
+
+
+def extract_aimkp_arguments(config: Any) -> tuple[Any, AimkpArguments | None]:
+    """Split a ``read_args`` result (dict or argv list) into (the config LLaMA-Factory parses, our options).
+
+    Raises :class:`AimkpConfigError` for bad values or for ``aimkp: true`` with an unsupported training setup.
+    """
+    if isinstance(config, dict):
+        ours, rest = split_aimkp_keys(config)
+    elif isinstance(config, list):
+        ours, rest = split_aimkp_argv(config)
+    else:
+        return config, None
+    if not ours:
+        return config, None
+    arguments = parse_aimkp_arguments(ours)
+    if arguments.aimkp:
+        check_training_config(
+            arguments,
+            stage=_config_value(rest, "stage"),
+            packing=_config_value(rest, "packing"),
+            neat_packing=_config_value(rest, "neat_packing"),
+            use_ray=_config_value(rest, "use_ray"),
+        )
+    return rest, arguments
+
+
+def _patch_hparams_parser_read_args(module: ModuleType) -> None:
+    """Replace ``llamafactory.hparams.parser.read_args`` by a version that removes and validates ``aimkp*`` keys.
+
+    Why: every LLaMA-Factory entry point (train, chat, export, web UI) reads its YAML or argv through ``read_args``
+    before ``HfArgumentParser``, which rejects unknown keys. Tested on llamafactory 0.9.5. It can go once
+    LLaMA-Factory offers a plugin argument API.
+    """
+
+    def read_args(original: Any, args: Any = None) -> Any:
+        config, arguments = extract_aimkp_arguments(original(args))
+        if arguments is not None:
+            if arguments.aimkp:
+                patches.require_active()
+            set_active_arguments(arguments)
+        return config
+
+    patches.wrap_function(module, "read_args", "read_args", read_args)
+
+
+def _patch_hparams_parser_refuse_aimkp(module: ModuleType) -> None:
+    """While the plugin is inactive, make ``read_args`` refuse configs with ``aimkp: true``.
+
+    Why: with ``ALLOW_EXTRA_ARGS=1`` LLaMA-Factory would otherwise ignore the key and quietly train plain SFT.
+    Tested on llamafactory 0.9.5.
+    """
+
+    def read_args(original: Any, args: Any = None) -> Any:
+        config = original(args)
+        ours, _ = split_aimkp_keys(config) if isinstance(config, dict) else split_aimkp_argv(list(config))
+        if str(ours.get("aimkp", False)).strip().lower() in TRUE_STRINGS:
+            patches.require_active()
+        return config
+
+    patches.wrap_function(module, "read_args", "read_args_refuse_aimkp", read_args)
+
+
+def load_model_config(model_name_or_path: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """A model's config as a dict, from a local ``config.json`` or through ``AutoConfig`` (no weights loaded)."""
+    config_file = Path(model_name_or_path) / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to_dict()
+    except (OSError, ValueError) as err:
+        raise AimkpConfigError(
+            f"Cannot read the config of {model_name_or_path} to check that it takes images: {err}"
+        ) from err
+
+
+def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpArguments) -> None:
+    """Checks that need the model config; run before LLaMA-Factory loads the tokenizer or the model."""
+    model = _config_value(config, "model_name_or_path")
+    if model is None:
+        raise AimkpConfigError("aimkp: true needs model_name_or_path.")
+    trust = str(_config_value(config, "trust_remote_code")).strip().lower() in TRUE_STRINGS
+    check_model_has_image_input(str(model), load_model_config(str(model), trust))
+    raise AimkpNotImplementedError(
+        "aimkp: true: the AimKP training step (Progressive Modality Masking + Gradient-Based Filtering) is not "
+        "implemented yet in this version of aimkp-plugin. Remove aimkp: true to train plain SFT on purpose."
+    )
+
+
+def _patch_train_tuner_training_function(module: ModuleType) -> None:
+    """Wrap ``llamafactory.train.tuner._training_function`` to check an AimKP run before any model is loaded.
+
+    Why: ``_training_function`` is the first place all processes (single, torchrun ranks, the web UI's training
+    process) pass through with the parsed config and before ``run_sft`` loads the model. Tested on llamafactory
+    0.9.5.
+    """
+
+    def _training_function(original: Any, config: dict[str, Any]) -> Any:
+        arguments = active_arguments()
+        if arguments is not None and arguments.aimkp:
+            patches.require_active()
+            check_before_training(config.get("args") or {}, arguments)
+        return original(config)
+
+    patches.wrap_function(module, "_training_function", "training_function", _training_function)
+

@@ -1,0 +1,209 @@
+"""The patch registry: which function patches which LLaMA-Factory module, version support, and status.
+
+``_bootstrap.PostImportFinder`` calls :func:`on_module_imported` right after each hooked module executed. Each
+patch is a named ``_patch_<module>_<target>`` function in the integration module of its touch point, with a
+docstring saying what it replaces, why, and the versions it was tested on. Applying a patch twice is a no-op, and
+:func:`revert_all` puts every original back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from .. import __version__
+from ..config import plugin_disabled
+
+
+SUPPORTED_LLAMAFACTORY = ((0, 9, 5), (0, 9, 6))  # [lowest, first unsupported)
+SUPPORTED_LLAMAFACTORY_TEXT = ">=0.9.5,<0.9.6"
+FIX_COMMAND = "pip install 'llamafactory>=0.9.5,<0.9.6'"
+PATCH_MARKER = "__aimkp_patch__"
+TRACE_ENV = "AIMKP_PLUGIN_TRACE"
+
+
+class AimkpNotActiveError(RuntimeError):
+    """AimKP was asked for, but the plugin's patches are not (all) in place in this process."""
+
+
+@dataclass
+class PatchStatus:
+    """What happened to the patches in this process."""
+
+    applied: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    inactive_reason: str | None = None  # set when the plugin is disabled or LLaMA-Factory is unsupported
+    originals: list[tuple[Any, str, Any]] = field(default_factory=list)  # (owner, attribute, original) to revert
+
+
+STATUS = PatchStatus()
+_version_checked = False
+
+
+def installed_llamafactory_version() -> str:
+    from importlib.metadata import version
+
+    return version("llamafactory")
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    """``"0.9.5.dev0"`` -> ``(0, 9, 5)``; missing parts count as 0."""
+    match = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    major, minor, micro = match.groups() if match else ("0", None, None)
+    return int(major), int(minor or 0), int(micro or 0)
+
+
+def llamafactory_version_problem(version: str) -> str | None:
+    """Why ``version`` is unsupported (with the supported range and the fixing pip command), or None."""
+    low, high = SUPPORTED_LLAMAFACTORY
+    if low <= _release(version) < high:
+        return None
+    return (
+        f"llamafactory {version} is not supported by aimkp-plugin {__version__} "
+        f"(supported: llamafactory{SUPPORTED_LLAMAFACTORY_TEXT}). Fix: {FIX_COMMAND}"
+    )
+
+
+def _trace(module: str, patch: str, outcome: str) -> None:
+    """Append one JSON line per patch event to ``$AIMKP_PLUGIN_TRACE`` (for checking every process is reached)."""
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    event = {"pid": os.getpid(), "rank": os.environ.get("RANK"), "module": module, "patch": patch, "outcome": outcome}
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(event) + "\n")
+
+
+def replace_attribute(owner: Any, name: str, patch_name: str, make_replacement: Callable[[Any], Any]) -> bool:
+    """Replace ``owner.name`` by ``make_replacement(original)``; False (and no change) if already replaced.
+
+    The replacement is marked with the patch name and keeps ``__wrapped__``, so a second application is detected
+    and :func:`revert_all` can restore the original.
+    """
+    original = getattr(owner, name)  # AttributeError here means LLaMA-Factory changed: reported as a failed patch
+    if getattr(original, PATCH_MARKER, None) == patch_name:
+        return False
+    replacement = make_replacement(original)
+    if callable(original) and not isinstance(original, type):
+        functools.update_wrapper(replacement, original)
+    setattr(replacement, PATCH_MARKER, patch_name)
+    setattr(owner, name, replacement)
+    STATUS.originals.append((owner, name, original))
+    return True
+
+
+def wrap_function(owner: Any, name: str, patch_name: str, wrapper: Callable[..., Any]) -> bool:
+    """Replace the function ``owner.name`` by ``wrapper(original, *args, **kwargs)``."""
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            return wrapper(original, *args, **kwargs)
+
+        return patched
+
+    return replace_attribute(owner, name, patch_name, make)
+
+
+def _patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
+    from . import args, dataset
+
+    return {
+        "llamafactory.hparams.parser": (args._patch_hparams_parser_read_args,),
+        "llamafactory.data.parser": (dataset._patch_data_parser_dataset_attr_join,),
+        "llamafactory.data.converter": (dataset._patch_data_converter_register_cmkp,),
+        "llamafactory.data.loader": (dataset._patch_data_loader_load_single_dataset,),
+        "llamafactory.train.tuner": (args._patch_train_tuner_training_function,),
+    }
+
+
+def _guard_patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
+    """Applied instead of the patches while the plugin is inactive: refuse configs that ask for AimKP."""
+    from . import args
+
+    return {"llamafactory.hparams.parser": (args._patch_hparams_parser_refuse_aimkp,)}
+
+
+def _check_activation() -> str | None:
+    """Why the plugin is inactive in this process (disabled, unsupported LLaMA-Factory), or None; checked once."""
+    global _version_checked
+    if plugin_disabled():
+        STATUS.inactive_reason = "it is disabled by AIMKP_PLUGIN_DISABLE=1"
+    elif not _version_checked:
+        _version_checked = True
+        problem = llamafactory_version_problem(installed_llamafactory_version())
+        if problem is not None:
+            STATUS.inactive_reason = problem
+            print(f"aimkp-plugin: {problem}. AimKP is off in this process.", file=sys.stderr)
+    return STATUS.inactive_reason
+
+
+def apply_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> bool:
+    """Apply one patch; a failure is recorded and printed as one line, never raised."""
+    try:
+        patch(module)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        STATUS.failed[patch.__name__] = reason
+        _trace(module.__name__, patch.__name__, "failed")
+        print(
+            f"aimkp-plugin: patch {patch.__name__} failed on {module.__name__} ({reason}); "
+            "AimKP will refuse to train in this process.",
+            file=sys.stderr,
+        )
+        return False
+    if patch.__name__ not in STATUS.applied:
+        STATUS.applied.append(patch.__name__)
+    _trace(module.__name__, patch.__name__, "applied")
+    return True
+
+
+def on_module_imported(module: ModuleType) -> None:
+    """Entry point of the post-import hook: patch ``module`` if the registry names it."""
+    registry = _guard_patches() if _check_activation() else _patches()
+    for patch in registry.get(module.__name__, ()):
+        apply_patch(patch, module)
+
+
+def apply_aimkp_to_llamafactory() -> PatchStatus:
+    """Import the hooked LLaMA-Factory modules and patch them now (also those imported before the hook existed).
+
+    Needed only by programs that run without the ``.pth`` activation (for example ``python -S``); calling it again
+    changes nothing.
+    """
+    import importlib
+
+    registry = _guard_patches() if _check_activation() else _patches()
+    for module_name, patches in registry.items():
+        module = importlib.import_module(module_name)
+        for patch in patches:
+            apply_patch(patch, module)
+    return STATUS
+
+
+def revert_all() -> None:
+    """Put every patched attribute back to LLaMA-Factory's original, newest first."""
+    while STATUS.originals:
+        owner, name, original = STATUS.originals.pop()
+        setattr(owner, name, original)
+    STATUS.applied.clear()
+
+
+def require_active() -> None:
+    """Raise a clear error unless every patch that has run so far succeeded and the plugin is active."""
+    if STATUS.inactive_reason:
+        raise AimkpNotActiveError(
+            f"This config asks for aimkp: true, but aimkp-plugin is not active: {STATUS.inactive_reason}."
+        )
+    if STATUS.failed:
+        failures = "; ".join(f"{name} ({reason})" for name, reason in STATUS.failed.items())
+        raise AimkpNotActiveError(
+            f"This config asks for aimkp: true, but some aimkp-plugin patches failed: {failures}. "
+            f"Supported: llamafactory{SUPPORTED_LLAMAFACTORY_TEXT}; {FIX_COMMAND}"
+        )
