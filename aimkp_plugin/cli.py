@@ -1,8 +1,8 @@
 """The ``aimkp`` command: tiny offline models, the demo dataset, and an activation check.
 
-    aimkp models tiny --out build/tiny [--name llava ...] [--force]
-    aimkp data demo --out data/demo
-    aimkp doctor
+aimkp models tiny --out build/tiny [--name llava ...] [--force]
+aimkp data demo --out data/demo
+aimkp doctor
 """
 
 from __future__ import annotations

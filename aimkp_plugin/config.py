@@ -135,13 +135,13 @@ def _to_int(name: str, value: Any) -> int:
 def _to_modalities(value: Any) -> list[str]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
-        raise AimkpConfigError(f"aimkp_modalities must be a list or a comma-separated string, got {value!r}.")
+        raise AimkpConfigError(
+            f"aimkp_modalities must be a list or a comma-separated string of {', '.join(MODALITIES)}; got {value!r}."
+        )
     chosen = [str(item).strip().lower() for item in items if str(item).strip()]
     unknown = [item for item in chosen if item not in MODALITIES]
     if unknown or not chosen:
-        raise AimkpConfigError(
-            f"aimkp_modalities must name one or more of: {', '.join(MODALITIES)}; got {value!r}."
-        )
+        raise AimkpConfigError(f"aimkp_modalities must name one or more of: {', '.join(MODALITIES)}; got {value!r}.")
     return [modality for modality in MODALITIES if modality in chosen]  # canonical order, no duplicates
 
 

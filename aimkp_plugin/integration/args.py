@@ -71,21 +71,34 @@ def extract_aimkp_arguments(config: Any) -> tuple[Any, AimkpArguments | None]:
     return rest, arguments
 
 
+class _ParsedConfig(dict):
+    """A config dict whose ``aimkp*`` keys were already taken out; ``read_args`` passes it through unchanged."""
+
+
+class _ParsedArgv(list):
+    """The argv-list counterpart of :class:`_ParsedConfig`."""
+
+
 def _patch_hparams_parser_read_args(module: ModuleType) -> None:
     """Replace ``llamafactory.hparams.parser.read_args`` by a version that removes and validates ``aimkp*`` keys.
 
     Why: every LLaMA-Factory entry point (train, chat, export, web UI) reads its YAML or argv through ``read_args``
-    before ``HfArgumentParser``, which rejects unknown keys. Tested on llamafactory 0.9.5. It can go once
-    LLaMA-Factory offers a plugin argument API.
+    before ``HfArgumentParser``, which rejects unknown keys. LLaMA-Factory calls ``read_args`` again on the config it
+    got back, so the result is marked as parsed; every other config (a new YAML, a dict from Python) sets the
+    process's :func:`active_arguments` afresh. Tested on llamafactory 0.9.5. It can go once LLaMA-Factory offers a
+    plugin argument API.
     """
 
     def read_args(original: Any, args: Any = None) -> Any:
+        if isinstance(args, (_ParsedConfig, _ParsedArgv)):
+            return args
         config, arguments = extract_aimkp_arguments(original(args))
-        if arguments is not None:
-            if arguments.aimkp:
-                patches.require_active()
-            set_active_arguments(arguments)
-        return config
+        if arguments is not None and arguments.aimkp:
+            patches.require_active()
+        set_active_arguments(arguments)
+        if isinstance(config, dict):
+            return _ParsedConfig(config)
+        return _ParsedArgv(config) if isinstance(config, list) else config
 
     patches.wrap_function(module, "read_args", "read_args", read_args)
 
@@ -151,4 +164,3 @@ def _patch_train_tuner_training_function(module: ModuleType) -> None:
         return original(config)
 
     patches.wrap_function(module, "_training_function", "training_function", _training_function)
-

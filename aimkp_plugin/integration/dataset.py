@@ -56,7 +56,7 @@ class CmkpDatasetOptions:
         allowed = tuple(item.name for item in fields(cls))
         if not isinstance(options, dict) or any(key not in allowed for key in options):
             raise AimkpConfigError(
-                f"dataset_info.json entry {dataset_name!r}: \"cmkp\" must be an object with keys among "
+                f'dataset_info.json entry {dataset_name!r}: "cmkp" must be an object with keys among '
                 f"{', '.join(allowed)}; got {options!r}."
             )
         if not isinstance(options.get("skip_bad_records", False), bool):

@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv from the pins when needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+BUILD := $(CURDIR)/build
+STAMP := $(VENV)/.aimkp-installed
+
+# The venv's bin first (llamafactory-cli, torchrun and aimkp are called by name); caches stay in build/.
+export PATH := $(VENV)/bin:$(PATH)
+export HF_HOME := $(BUILD)/cache/huggingface
+export HF_DATASETS_CACHE := $(BUILD)/cache/datasets
+export MPLCONFIGDIR := $(BUILD)/cache/matplotlib
+export NLTK_DATA := $(BUILD)/cache/nltk
+export HF_HUB_OFFLINE := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade "pip==26.3"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+demo: setup
+	aimkp models tiny --out $(BUILD)/tiny --name llava
+	aimkp data demo --out data/demo
+	llamafactory-cli train recipes/demo/demo_llava_train.yaml
+	llamafactory-cli train recipes/demo/demo_llava_predict.yaml
+	@echo
+	@echo "Adapter:     $(BUILD)/demo/llava-lora"
+	@echo "Predictions: $(BUILD)/demo/llava-lora/predict/generated_predictions.jsonl"
+
+test: setup
+	python -m pytest
+
+lint: setup
+	ruff check . && ruff format --check .
+
+clean:
+	rm -rf $(BUILD) data/demo

@@ -1,0 +1,162 @@
+"""The ``aimkp*`` YAML keys: defaults, coercion, and every rejection the foundation issue lists."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from aimkp_plugin.config import (
+    KNOWN_KEYS,
+    MODALITIES,
+    AimkpArguments,
+    AimkpConfigError,
+    check_training_config,
+    parse_aimkp_arguments,
+    split_aimkp_argv,
+)
+from aimkp_plugin.integration.args import active_arguments, extract_aimkp_arguments
+
+
+def test_defaults_are_the_authors_run() -> None:
+    arguments = AimkpArguments()
+    assert arguments.aimkp is False
+    assert arguments.aimkp_text_threshold == 0.1
+    assert arguments.aimkp_image_threshold == 0.4
+    assert arguments.aimkp_init_stride == 1
+    assert arguments.aimkp_modalities == ["text", "image"]
+    assert arguments.aimkp_filter is True and arguments.aimkp_progressive is True
+
+
+def test_every_field_has_help_and_the_prefix() -> None:
+    for item in fields(AimkpArguments):
+        assert item.name == "aimkp" or item.name.startswith("aimkp_")
+        assert len(item.metadata.get("help", "")) > 20, item.name
+
+
+@pytest.mark.parametrize("key", ["aimkp_text_threshold", "aimkp_image_threshold"])
+@pytest.mark.parametrize("value", [1.5, -1.01, "high", True])
+def test_threshold_outside_cosine_range_is_rejected(key: str, value: object) -> None:
+    with pytest.raises(AimkpConfigError, match=key):
+        parse_aimkp_arguments({key: value})
+
+
+@pytest.mark.parametrize("value", [-1, 1, "0.25", 0])
+def test_threshold_inside_range_is_accepted(value: object) -> None:
+    assert parse_aimkp_arguments({"aimkp_text_threshold": value}).aimkp_text_threshold == float(value)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "two"])
+def test_stride_must_be_a_positive_integer(value: object) -> None:
+    with pytest.raises(AimkpConfigError, match="aimkp_init_stride must be an integer"):
+        parse_aimkp_arguments({"aimkp_init_stride": value})
+
+
+def test_stride_accepts_integer_strings_and_floats() -> None:
+    assert parse_aimkp_arguments({"aimkp_init_stride": "4"}).aimkp_init_stride == 4
+    assert parse_aimkp_arguments({"aimkp_init_stride": 2.0}).aimkp_init_stride == 2
+
+
+def test_unknown_key_suggests_the_closest() -> None:
+    with pytest.raises(AimkpConfigError, match="Did you mean 'aimkp_text_threshold'") as error:
+        parse_aimkp_arguments({"aimkp_txt_threshold": 0.2})
+    for key in KNOWN_KEYS:
+        assert key in str(error.value)
+
+
+def test_unknown_key_far_from_all_keys_lists_them() -> None:
+    with pytest.raises(AimkpConfigError, match="Known aimkp keys") as error:
+        parse_aimkp_arguments({"aimkp_qwertyuiopqwerty": 1})
+    assert "Did you mean" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("text", ["text"]), (["image"], ["image"]), ("image, text", ["text", "image"]), (["text", "text"], ["text"])],
+)
+def test_modalities_accept_lists_and_strings(value: object, expected: list[str]) -> None:
+    assert parse_aimkp_arguments({"aimkp_modalities": value}).aimkp_modalities == expected
+
+
+@pytest.mark.parametrize("value", ["audio", [], "", ["text", "video"], 3])
+def test_modalities_reject_unknown_or_empty(value: object) -> None:
+    with pytest.raises(AimkpConfigError, match="aimkp_modalities") as error:
+        parse_aimkp_arguments({"aimkp_modalities": value})
+    assert all(modality in str(error.value) for modality in MODALITIES)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("False", False), ("1", True), (False, False)])
+def test_booleans_accept_yaml_and_cli_spellings(value: object, expected: bool) -> None:
+    assert parse_aimkp_arguments({"aimkp_filter": value}).aimkp_filter is expected
+
+
+def test_boolean_rejects_other_values() -> None:
+    with pytest.raises(AimkpConfigError, match="aimkp must be true or false"):
+        parse_aimkp_arguments({"aimkp": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ({"stage": "dpo"}, "needs stage one of: sft; got stage: dpo"),
+        ({"stage": "pt"}, "got stage: pt"),
+        ({"packing": True}, "packing: true"),
+        ({"neat_packing": "true"}, "neat_packing: true"),
+        ({"use_ray": True}, "use_ray"),
+    ],
+)
+def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) -> None:
+    with pytest.raises(AimkpConfigError, match=message):
+        extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x", **setup})
+
+
+def test_unsupported_setups_are_fine_when_aimkp_is_off() -> None:
+    config, arguments = extract_aimkp_arguments({"aimkp": False, "aimkp_init_stride": 2, "stage": "dpo"})
+    assert config == {"stage": "dpo"} and arguments is not None and arguments.aimkp_init_stride == 2
+
+
+def test_default_stage_is_sft() -> None:
+    check_training_config(AimkpArguments(aimkp=True), stage=None, packing=None, neat_packing=None, use_ray=None)
+
+
+def test_argv_form_is_split_too() -> None:
+    ours, rest = split_aimkp_argv(["--stage", "sft", "--aimkp", "--aimkp_init_stride=2", "--aimkp_filter", "false"])
+    assert ours == {"aimkp": True, "aimkp_init_stride": "2", "aimkp_filter": "false"}
+    assert rest == ["--stage", "sft"]
+    config, arguments = extract_aimkp_arguments(["--stage", "dpo", "--aimkp_init_stride", "3"])
+    assert config == ["--stage", "dpo"] and arguments.aimkp_init_stride == 3
+    with pytest.raises(AimkpConfigError, match="got stage: dpo"):
+        extract_aimkp_arguments(["--stage", "dpo", "--aimkp", "true"])
+
+
+def test_llamafactory_parser_receives_config_without_aimkp_keys(tmp_path: Path) -> None:
+    """The real ``get_train_args`` parses a config with aimkp keys (its HfArgumentParser rejects unknown keys)."""
+    from llamafactory.hparams import get_train_args
+
+    config = {
+        "model_name_or_path": "not/downloaded",
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "dataset": "anything",
+        "template": "llava",
+        "output_dir": str(tmp_path),
+        "aimkp": False,
+        "aimkp_text_threshold": 0.3,
+        "aimkp_modalities": "image",
+    }
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
+    assert finetuning_args.stage == "sft" and model_args.model_name_or_path == "not/downloaded"
+    assert active_arguments().aimkp_text_threshold == 0.3
+    assert active_arguments().aimkp_modalities == ["image"]
+
+    get_train_args({key: value for key, value in config.items() if not key.startswith("aimkp")})
+    assert active_arguments() is None  # a new config without aimkp keys resets the process's options
+
+
+def test_llamafactory_parser_reports_bad_value(tmp_path: Path) -> None:
+    from llamafactory.hparams import get_train_args
+
+    with pytest.raises(AimkpConfigError, match=r"aimkp_image_threshold must be a cosine in \[-1, 1\], got 2.0"):
+        get_train_args({"model_name_or_path": "m", "output_dir": str(tmp_path), "aimkp_image_threshold": 2})
