@@ -1,0 +1,214 @@
+"""Activation through the ``.pth`` post-import hook: cheap at start, idempotent, switchable off, loud on failure,
+and working for a regular (wheel) install as well as the editable install the tests run in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aimkp_plugin.cli import PTH_NAME
+
+from .conftest import REPO, read_trace, subprocess_env, tiny_train_config
+
+
+ALL_PATCHES = {
+    "_patch_hparams_parser_read_args",
+    "_patch_data_parser_dataset_attr_join",
+    "_patch_data_converter_register_cmkp",
+    "_patch_data_loader_load_single_dataset",
+    "_patch_train_tuner_training_function",
+}
+
+
+def run_python(code: str, cwd: Path = REPO, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [python, "-c", textwrap.dedent(code)], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True
+    )
+
+
+def test_pth_file_is_installed_next_to_the_packages() -> None:
+    pth = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
+    assert pth.read_text().strip() == "import aimkp_plugin._bootstrap"
+
+
+def test_plain_python_start_imports_nothing_heavy() -> None:
+    result = run_python(
+        """
+        import json, sys
+        heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "llamafactory", "transformers")
+                       or name.startswith(("aimkp_plugin.integration", "aimkp_plugin.config", "importlib.util")))
+        ours = sorted(name for name in sys.modules if name.startswith("aimkp_plugin"))
+        finder = any(getattr(item, "_aimkp_post_import_finder", False) for item in sys.meta_path)
+        print(json.dumps({"heavy": heavy, "ours": ours, "finder": finder}))
+        """
+    )
+    report = json.loads(result.stdout)
+    assert report == {"heavy": [], "ours": ["aimkp_plugin", "aimkp_plugin._bootstrap"], "finder": True}
+
+
+def test_doctor_reports_every_patch_applied() -> None:
+    result = subprocess.run(["aimkp", "doctor"], env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(report["applied"]) == ALL_PATCHES and report["failed"] == {} and report["post_import_hook"]
+    assert report["llamafactory"].startswith("0.9.5")
+
+
+def test_patches_are_idempotent_and_revertible() -> None:
+    from llamafactory.data import converter, loader
+    from llamafactory.hparams import parser
+
+    from aimkp_plugin.integration import patches
+
+    patches.apply_aimkp_to_llamafactory()
+    patched = parser.read_args
+    assert getattr(patched, patches.PATCH_MARKER) == "read_args"
+    assert not hasattr(patched.__wrapped__, patches.PATCH_MARKER)  # wrapped exactly once
+    patches.apply_aimkp_to_llamafactory()
+    assert parser.read_args is patched and "cmkp" in converter.DATASET_CONVERTERS
+    try:
+        patches.revert_all()
+        assert not hasattr(parser.read_args, patches.PATCH_MARKER)
+        assert not hasattr(loader._load_single_dataset, patches.PATCH_MARKER)
+    finally:
+        patches.apply_aimkp_to_llamafactory()
+    assert getattr(parser.read_args, patches.PATCH_MARKER) == "read_args"
+
+
+def test_disable_switch_turns_the_plugin_off_but_never_trains_without_aimkp(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    result = run_python(
+        """
+        from llamafactory.data.converter import DATASET_CONVERTERS
+        print("cmkp registered:", "cmkp" in DATASET_CONVERTERS)
+        from llamafactory.train.tuner import run_exp
+        try:
+            run_exp({"model_name_or_path": "m", "output_dir": "o", "aimkp": True})
+        except Exception as err:
+            print(type(err).__name__, err)
+        """,
+        AIMKP_PLUGIN_DISABLE="1",
+        ALLOW_EXTRA_ARGS="1",  # LLaMA-Factory would silently ignore the aimkp key with this
+        AIMKP_PLUGIN_TRACE=str(trace),
+    )
+    assert "cmkp registered: False" in result.stdout
+    assert "AimkpNotActiveError" in result.stdout and "disabled by AIMKP_PLUGIN_DISABLE=1" in result.stdout
+    assert {event["patch"] for event in read_trace(trace)} == {"_patch_hparams_parser_refuse_aimkp"}
+
+
+def test_failing_patch_prints_one_line_and_aimkp_refuses_to_train() -> None:
+    result = run_python(
+        """
+        import aimkp_plugin.integration.patches as patches
+        def _patch_broken(module):
+            raise AttributeError("module has no attribute 'DatasetConverter'")
+        registry = patches._patches
+        patches._patches = lambda: {**registry(), "llamafactory.data.converter": (_patch_broken,)}
+        import llamafactory.train.tuner
+        from llamafactory.data.converter import DATASET_CONVERTERS
+        print("import ok; cmkp registered:", "cmkp" in DATASET_CONVERTERS)
+        from llamafactory.train.tuner import run_exp
+        try:
+            run_exp({"model_name_or_path": "m", "output_dir": "o", "aimkp": True})
+        except Exception as err:
+            print(type(err).__name__, err)
+        """
+    )
+    assert "import ok; cmkp registered: False" in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("aimkp-plugin:")]
+    assert lines == [
+        "aimkp-plugin: patch _patch_broken failed on llamafactory.data.converter (AttributeError: module has no "
+        "attribute 'DatasetConverter'); AimKP will refuse to train in this process."
+    ]
+    assert "AimkpNotActiveError" in result.stdout and "_patch_broken" in result.stdout
+
+
+def test_unsupported_llamafactory_version_is_named_with_the_fix() -> None:
+    result = run_python(
+        """
+        import aimkp_plugin.integration.patches as patches
+        patches.installed_llamafactory_version = lambda: "0.9.4"
+        import llamafactory.train.tuner
+        from llamafactory.data.converter import DATASET_CONVERTERS
+        print("import ok; cmkp registered:", "cmkp" in DATASET_CONVERTERS)
+        from llamafactory.train.tuner import run_exp
+        try:
+            run_exp({"model_name_or_path": "m", "output_dir": "o", "aimkp": True})
+        except Exception as err:
+            print(type(err).__name__, err)
+        """
+    )
+    assert "import ok; cmkp registered: False" in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("aimkp-plugin:")]
+    assert len(lines) == 1
+    for part in ("llamafactory 0.9.4 is not supported", "llamafactory>=0.9.5,<0.9.6", "pip install"):
+        assert part in lines[0] and part in result.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        check=True,
+        env=subprocess_env(),
+    )
+    return next(out.glob("aimkp_plugin-*.whl"))
+
+
+def test_wheel_ships_the_pth_and_package_data(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    assert PTH_NAME in names
+    assert zipfile.ZipFile(wheel).read(PTH_NAME).decode().strip() == "import aimkp_plugin._bootstrap"
+    assert "aimkp_plugin/resources/cmkp_tiny/train_src.txt" in names
+
+
+def test_regular_install_activates_in_llamafactory_cli_train(
+    wheel: Path, tmp_path: Path, tiny_models: dict, cmkp_workspace: Path
+) -> None:
+    """Install the wheel (not editable) into a fresh venv that borrows the heavy dependencies, then train."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    purelib = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(purelib), str(wheel)],
+        check=True,
+        env=subprocess_env(),
+    )
+    # A plain path line: the dependencies become importable, but that folder's .pth files (our editable install
+    # among them) are not executed, so only the wheel's own aimkp_plugin.pth can activate the plugin.
+    (purelib / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, tmp_path / "out", max_steps=1)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    trace = tmp_path / "trace.jsonl"
+    result = run_python(
+        f"""
+        import sys, aimkp_plugin
+        print("plugin from:", aimkp_plugin.__file__)
+        sys.argv = ["llamafactory-cli", "train", {str(tmp_path / "config.yaml")!r}]
+        from llamafactory.cli import main
+        main()
+        """,
+        cwd=tmp_path,
+        python=str(venv / "bin" / "python"),
+        AIMKP_PLUGIN_TRACE=str(trace),
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert f"plugin from: {purelib}/aimkp_plugin/__init__.py" in result.stdout
+    assert {event["patch"] for event in read_trace(trace)} == ALL_PATCHES
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

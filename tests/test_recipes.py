@@ -1,0 +1,54 @@
+"""Every shipped recipe parses through LLaMA-Factory's own argument parser with the plugin active."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aimkp_plugin.data.demo import demo_dataset_info
+from aimkp_plugin.integration.args import active_arguments
+
+from .conftest import REPO
+
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_all_expected_recipes_exist() -> None:
+    names = {path.relative_to(REPO / "recipes").as_posix() for path in RECIPES}
+    for family in ("llava", "qwen2vl", "qwen2_5vl"):
+        assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names
+    assert {"demo/demo_llava_train.yaml", "demo/demo_llava_predict.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.relative_to(REPO / "recipes").as_posix())
+def test_recipe_parses_with_llamafactory(recipe: Path, tmp_path: Path) -> None:
+    from llamafactory.hparams import get_train_args, read_args
+
+    config = yaml.safe_load(recipe.read_text())
+    text = recipe.read_text()
+    assert "swap" in text.lower(), "each recipe says how to swap the model"
+    config["output_dir"] = str(tmp_path)  # keep the parser's checks from touching saves/
+    if config.get("bf16"):
+        config["use_cpu"] = True  # this CPU has no bf16 GPU; the recipe itself targets GPUs
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(read_args(config))
+    assert finetuning_args.stage == "sft"
+    expects_aimkp = recipe.name.startswith("aimkp_")
+    assert (active_arguments() is not None and active_arguments().aimkp) == expects_aimkp
+    if expects_aimkp:
+        assert active_arguments().aimkp_text_threshold == 0.1 and active_arguments().aimkp_image_threshold == 0.4
+        assert (finetuning_args.lora_rank, finetuning_args.lora_alpha) == (128, 256)
+        assert training_args.learning_rate == 2e-4 and training_args.num_train_epochs == 4
+        assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 16
+
+
+def test_dataset_info_lists_cmkp_splits_and_the_demo() -> None:
+    info = json.loads((REPO / "data" / "dataset_info.json").read_text())
+    for split in ("train", "valid", "test"):
+        assert info[f"cmkp_{split}"]["file_name"].endswith(f"{split}_src.txt")
+        assert info[f"cmkp_json_{split}"]["file_name"].endswith(f"{split}.json")
+    assert {key: value for key, value in info.items() if key.startswith("cmkp_demo")} == demo_dataset_info("demo/")
+    assert all(entry["formatting"] == "cmkp" for entry in info.values())

@@ -1,0 +1,58 @@
+"""Tiny models: deterministic, cached builds, the realistic 24x24 LLaVA grid, and Qwen2.5-VL training."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from aimkp_plugin.models.tiny import BUILD_MARKER, TINY_MODELS, build_tiny_model
+
+from .conftest import TINY_DIR, tiny_train_config
+from .test_cmkp_format import load_through_llamafactory
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.iterdir())
+        if path.name != BUILD_MARKER
+    }
+
+
+def test_builds_are_deterministic(tmp_path: Path) -> None:
+    first = build_tiny_model("llava", tmp_path / "a")
+    second = build_tiny_model("llava", tmp_path / "b")
+    assert folder_digest(first) == folder_digest(second)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json"} <= set(folder_digest(first))
+
+
+def test_matching_build_is_reused_and_force_rebuilds(tmp_path: Path) -> None:
+    path = build_tiny_model("llava", tmp_path / "m")
+    weights = path / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    build_tiny_model("llava", path)
+    assert weights.stat().st_mtime_ns == stamp
+    build_tiny_model("llava", path, force=True)
+    assert weights.stat().st_mtime_ns != stamp
+
+
+def test_llava_576_has_the_real_24x24_grid_and_stays_small(cmkp_workspace: Path, tmp_path: Path) -> None:
+    path = build_tiny_model("llava-576", TINY_DIR / "llava-576")
+    assert (path / "model.safetensors").stat().st_size < 5_000_000
+    train, tokenizer = load_through_llamafactory(path, "llava", cmkp_workspace, "raw_test", tmp_path, cutoff_len=1024)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert train[0]["input_ids"].count(image_id) == 576 == 24 * 24
+
+
+def test_every_tiny_model_is_small() -> None:
+    assert set(TINY_MODELS) == {"llava", "llava-576", "qwen2vl", "qwen2_5vl"}
+    for spec in TINY_MODELS.values():
+        assert spec.hidden_size <= 64 and spec.num_layers <= 2
+
+
+def test_tiny_qwen2_5vl_trains(cmkp_workspace: Path, tmp_path: Path, llamafactory_runner) -> None:
+    path = build_tiny_model("qwen2_5vl", TINY_DIR / "qwen2_5vl")
+    config = tiny_train_config(path, "qwen2_vl", cmkp_workspace, tmp_path / "out", max_steps=2)
+    result = llamafactory_runner(config)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,120 @@
+"""Real ``llamafactory-cli`` runs on the tiny models and the ``cmkp`` format: single process, two-process torchrun,
+the demo recipes, and the AimKP guard rails that must stop a run before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+from aimkp_plugin.data.cmkp import iter_records
+
+from .conftest import REPO, read_trace, subprocess_env, tiny_train_config
+from .test_activation import ALL_PATCHES
+
+
+def trainer_losses(output_dir: Path) -> list[float]:
+    log = output_dir / "trainer_log.jsonl"
+    return [entry["loss"] for entry in map(json.loads, log.read_text().splitlines()) if "loss" in entry]
+
+
+def test_demo_recipes_train_and_predict_on_tiny_llava(tiny_models: dict, tmp_path: Path, llamafactory_runner) -> None:
+    demo = tmp_path / "demo"
+    subprocess.run(["aimkp", "data", "demo", "--out", str(demo)], check=True, env=subprocess_env())
+    trace = tmp_path / "trace.jsonl"
+    out = tmp_path / "adapter"
+    common = [f"model_name_or_path={tiny_models['llava']}", f"dataset_dir={demo}"]
+    train = llamafactory_runner(
+        REPO / "recipes/demo/demo_llava_train.yaml",
+        *common,
+        f"output_dir={out}",
+        "max_steps=12",
+        "logging_steps=1",
+        AIMKP_PLUGIN_TRACE=str(trace),
+    )
+    assert train.returncode == 0, train.stdout[-4000:]
+    assert {event["patch"] for event in read_trace(trace)} == ALL_PATCHES
+    losses = trainer_losses(out)
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # lm_head trains: the loss moves
+    assert (out / "adapter_model.safetensors").is_file()
+
+    predict = llamafactory_runner(
+        REPO / "recipes/demo/demo_llava_predict.yaml",
+        *common,
+        f"adapter_name_or_path={out}",
+        f"output_dir={tmp_path / 'predict'}",
+        "max_samples=6",
+    )
+    assert predict.returncode == 0, predict.stdout[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "predict" / "generated_predictions.jsonl").open()]
+    gold = [", ".join(post.keyphrases) for _, post in iter_records(demo / "test_src.txt")][:6]
+    assert [row["label"].strip() for row in rows] == gold
+    assert all(set(row) == {"prompt", "predict", "label"} for row in rows)
+
+
+def test_tiny_qwen2vl_trains_on_cmkp(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner):
+    out = tmp_path / "out"
+    config = tiny_train_config(tiny_models["qwen2vl"], "qwen2_vl", cmkp_workspace, out, dataset="raw_train,json_valid")
+    result = llamafactory_runner(config)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert len(trainer_losses(out)) == 3 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_hook_fires_in_both_torchrun_ranks(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    trace = tmp_path / "trace.jsonl"
+    out = tmp_path / "out"
+    config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, out, aimkp_init_stride=2)
+    result = llamafactory_runner(
+        config, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", AIMKP_PLUGIN_TRACE=str(trace), OMP_NUM_THREADS="1"
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "world size: 2" in result.stdout
+    patches_by_rank = defaultdict(set)
+    for event in read_trace(trace):
+        if event["rank"] is not None:
+            patches_by_rank[event["rank"]].add(event["patch"])
+    assert dict(patches_by_rank) == {"0": ALL_PATCHES, "1": ALL_PATCHES}
+
+
+def test_aimkp_true_stops_with_not_implemented_yet(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, tmp_path / "out", aimkp=True)
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert "AimkpNotImplementedError" in result.stdout and "not implemented yet" in result.stdout
+    assert "train_loss" not in result.stdout  # never quietly trains plain SFT
+
+
+def test_aimkp_true_rejects_a_model_without_image_input(cmkp_workspace: Path, tmp_path: Path, llamafactory_runner):
+    text_only = tmp_path / "text-only"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    config = tiny_train_config(text_only, "default", cmkp_workspace, tmp_path / "out", aimkp=True)
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert "AimkpConfigError" in result.stdout and "needs a model with image input" in result.stdout
+    assert "model_type llama" in result.stdout
+
+
+def test_bad_value_on_the_command_line_is_rejected(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, tmp_path / "out")
+    result = llamafactory_runner(config, "aimkp_image_threshold=1.5")
+    assert result.returncode != 0
+    assert "aimkp_image_threshold must be a cosine in [-1, 1], got 1.5" in result.stdout
+
+
+def test_aimkp_with_packing_is_rejected_before_loading(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    config = tiny_train_config(
+        tiny_models["llava"], "llava", cmkp_workspace, tmp_path / "out", aimkp=True, packing=True
+    )
+    result = llamafactory_runner(config)
+    assert result.returncode != 0 and "cannot be combined with packing: true" in result.stdout
+    assert "Loading dataset" not in result.stdout
