@@ -35,6 +35,7 @@ demo: setup
 	@echo "Predictions: $(BUILD)/demo/llava-lora/predict/generated_predictions.jsonl"
 
 test: setup
+	ruff check . && ruff format --check .
 	python -m pytest
 
 lint: setup
