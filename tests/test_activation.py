@@ -28,10 +28,23 @@ ALL_PATCHES = {
 }
 
 
-def run_python(code: str, cwd: Path = REPO, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [python, "-c", textwrap.dedent(code)], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True
-    )
+# Imports LLaMA-Factory (firing the hook), tells whether cmkp got registered, then tries a run with aimkp: true.
+TRY_AIMKP_RUN = """
+import llamafactory.train.tuner
+from llamafactory.data.converter import DATASET_CONVERTERS
+print("import ok; cmkp registered:", "cmkp" in DATASET_CONVERTERS)
+from llamafactory.train.tuner import run_exp
+try:
+    run_exp({"model_name_or_path": "m", "output_dir": "o", "aimkp": True})
+except Exception as err:
+    print(type(err).__name__, err)
+"""
+
+
+def run_python(*code: str, cwd: Path = REPO, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
+    """Run the code parts (each dedented on its own) in a fresh interpreter of the test environment."""
+    script = "\n".join(textwrap.dedent(part) for part in code)
+    return subprocess.run([python, "-c", script], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
 
 
 def test_pth_file_is_installed_next_to_the_packages() -> None:
@@ -86,20 +99,12 @@ def test_patches_are_idempotent_and_revertible() -> None:
 def test_disable_switch_turns_the_plugin_off_but_never_trains_without_aimkp(tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
     result = run_python(
-        """
-        from llamafactory.data.converter import DATASET_CONVERTERS
-        print("cmkp registered:", "cmkp" in DATASET_CONVERTERS)
-        from llamafactory.train.tuner import run_exp
-        try:
-            run_exp({"model_name_or_path": "m", "output_dir": "o", "aimkp": True})
-        except Exception as err:
-            print(type(err).__name__, err)
-        """,
+        TRY_AIMKP_RUN,
         AIMKP_PLUGIN_DISABLE="1",
         ALLOW_EXTRA_ARGS="1",  # LLaMA-Factory would silently ignore the aimkp key with this
         AIMKP_PLUGIN_TRACE=str(trace),
     )
-    assert "cmkp registered: False" in result.stdout
+    assert "import ok; cmkp registered: False" in result.stdout
     assert "AimkpNotActiveError" in result.stdout and "disabled by AIMKP_PLUGIN_DISABLE=1" in result.stdout
     assert {event["patch"] for event in read_trace(trace)} == {"_patch_hparams_parser_refuse_aimkp"}
 
@@ -112,15 +117,8 @@ def test_failing_patch_prints_one_line_and_aimkp_refuses_to_train() -> None:
             raise AttributeError("module has no attribute 'DatasetConverter'")
         registry = patches._patches
         patches._patches = lambda: {**registry(), "llamafactory.data.converter": (_patch_broken,)}
-        import llamafactory.train.tuner
-        from llamafactory.data.converter import DATASET_CONVERTERS
-        print("import ok; cmkp registered:", "cmkp" in DATASET_CONVERTERS)
-        from llamafactory.train.tuner import run_exp
-        try:
-            run_exp({"model_name_or_path": "m", "output_dir": "o", "aimkp": True})
-        except Exception as err:
-            print(type(err).__name__, err)
-        """
+        """,
+        TRY_AIMKP_RUN,
     )
     assert "import ok; cmkp registered: False" in result.stdout
     lines = [line for line in result.stderr.splitlines() if line.startswith("aimkp-plugin:")]
@@ -136,15 +134,8 @@ def test_unsupported_llamafactory_version_is_named_with_the_fix() -> None:
         """
         import aimkp_plugin.integration.patches as patches
         patches.installed_llamafactory_version = lambda: "0.9.4"
-        import llamafactory.train.tuner
-        from llamafactory.data.converter import DATASET_CONVERTERS
-        print("import ok; cmkp registered:", "cmkp" in DATASET_CONVERTERS)
-        from llamafactory.train.tuner import run_exp
-        try:
-            run_exp({"model_name_or_path": "m", "output_dir": "o", "aimkp": True})
-        except Exception as err:
-            print(type(err).__name__, err)
-        """
+        """,
+        TRY_AIMKP_RUN,
     )
     assert "import ok; cmkp registered: False" in result.stdout
     lines = [line for line in result.stderr.splitlines() if line.startswith("aimkp-plugin:")]
