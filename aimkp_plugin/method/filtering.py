@@ -1,0 +1,43 @@
+"""Gradient-Based Filtering: cosines between per-variant gradients, keep decisions, and the sample weighting.
+
+For sample i with n_i answer tokens, variant gradients g_orig, g_text, g_image (of each variant's mean cross-entropy)
+and thresholds τ:
+
+- c_m = cos(g_orig, g_m), computed in float32; a zero or non-finite gradient gives NaN, which counts as
+  disagreement (the copy is dropped and the modality freezes);
+- the copy of modality m is kept when c_m ≥ τ_m (dropped when c_m < τ_m); the original is always kept;
+- sample gradient G_i = n_i · mean of the kept variants' gradients;
+- optimizer-step gradient = Σ_i G_i / N, with N the answer tokens of the whole step (all micro-batches, all ranks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def gradient_cosine(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> float:
+    """cos between two gradients given per parameter, accumulated in float32; NaN for zero or non-finite ones."""
+    dot = first_norm = second_norm = torch.zeros((), dtype=torch.float32)
+    for a, b in zip(first, second, strict=True):
+        a, b = a.detach().float(), b.detach().float()
+        dot = dot + (a * b).sum().cpu()
+        first_norm = first_norm + (a * a).sum().cpu()
+        second_norm = second_norm + (b * b).sum().cpu()
+    if not bool(torch.isfinite(dot) & torch.isfinite(first_norm) & torch.isfinite(second_norm)):
+        return math.nan
+    if first_norm == 0 or second_norm == 0:
+        return math.nan
+    return float(dot / (first_norm.sqrt() * second_norm.sqrt()))
+
+
+def keep_copy(cosine: float, threshold: float, filtering: bool = True) -> bool:
+    """Whether a masked copy updates the model: c ≥ τ (NaN never); always, when filtering is off."""
+    return True if not filtering else cosine >= threshold
+
+
+def variant_weight(num_kept: int) -> float:
+    """The weight of each kept variant's summed cross-entropy in G_i = n_i · mean(kept mean-CE gradients)."""
+    return 1.0 / num_kept

@@ -1,0 +1,145 @@
+"""Per-sample curriculum state: a stride γ and a frozen flag per sample and modality, its update rule, and its file.
+
+Update after a visit, per modality, only when not frozen (τ = the modality's threshold, c = cosine of the masked
+copy's gradient with the original's):
+
+- γ = 1 → γ = 2 (there was no masked copy yet);
+- γ > 1 and c > τ → γ = 2γ;
+- γ > 1 and c ≤ τ → frozen, γ = max(γ/2, 2) from then on.
+
+A frozen modality keeps being masked at its frozen stride and filtered. Pure torch and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+STATE_FILE = "aimkp_state.json"
+STATE_FORMAT = "aimkp_state"
+STATE_VERSION = 1
+MODALITY_INDEX = {"text": 0, "image": 1}
+
+
+class StateMismatchError(ValueError):
+    """A saved state does not fit the training set it is being restored for."""
+
+
+@dataclass(frozen=True)
+class ModalityState:
+    stride: int
+    frozen: bool = False
+
+
+def next_modality_state(
+    state: ModalityState, cosine: float | None, threshold: float, progressive: bool = True
+) -> ModalityState:
+    """The state after one visit. ``cosine`` None means no masked copy was compared (nothing to learn from).
+
+    With ``progressive`` off the stride never changes (the ablation "fixed stride").
+    """
+    if not progressive or state.frozen:
+        return state
+    if state.stride == 1:
+        return ModalityState(2)
+    if cosine is None:
+        return state
+    if cosine > threshold:
+        return ModalityState(state.stride * 2)
+    return ModalityState(max(state.stride // 2, 2), frozen=True)
+
+
+class CurriculumState:
+    """Strides and frozen flags of every training sample, as (N, 2) tensors indexed [sample, modality]."""
+
+    def __init__(self, num_samples: int, init_stride: int, fingerprints: list[str] | None = None) -> None:
+        self.init_stride = init_stride
+        self.stride = torch.full((num_samples, 2), init_stride, dtype=torch.long)
+        self.frozen = torch.zeros((num_samples, 2), dtype=torch.bool)
+        self.fingerprints = list(fingerprints) if fingerprints is not None else [""] * num_samples
+
+    def __len__(self) -> int:
+        return self.stride.shape[0]
+
+    def get(self, index: int, modality: str) -> ModalityState:
+        column = MODALITY_INDEX[modality]
+        return ModalityState(int(self.stride[index, column]), bool(self.frozen[index, column]))
+
+    def set(self, index: int, modality: str, state: ModalityState) -> None:
+        column = MODALITY_INDEX[modality]
+        self.stride[index, column] = state.stride
+        self.frozen[index, column] = state.frozen
+
+    def apply(self, updates: list[tuple[int, str, ModalityState]]) -> None:
+        for index, modality, state in updates:
+            self.set(index, modality, state)
+
+    def summary(self) -> dict[str, float]:
+        """Mean stride and fraction frozen per modality."""
+        return {
+            **{
+                f"{name}_mean_stride": float(self.stride[:, column].float().mean())
+                for name, column in MODALITY_INDEX.items()
+            },
+            **{
+                f"{name}_frozen_fraction": float(self.frozen[:, column].float().mean())
+                for name, column in MODALITY_INDEX.items()
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "init_stride": self.init_stride,
+            "num_samples": len(self),
+            "fingerprint": self.fingerprints,
+            "text_stride": self.stride[:, 0].tolist(),
+            "text_frozen": self.frozen[:, 0].tolist(),
+            "image_stride": self.stride[:, 1].tolist(),
+            "image_frozen": self.frozen[:, 1].tolist(),
+        }
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        path = Path(folder) / STATE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def load_matching(self, path: str | os.PathLike[str]) -> int:
+        """Restore from a saved state, matching samples by fingerprint; returns how many samples were restored.
+
+        Samples are matched by index when all fingerprints agree, else by fingerprint (a sample whose fingerprint
+        is absent keeps its initial state). Raises :class:`StateMismatchError` when nothing matches.
+        """
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("format") != STATE_FORMAT or data.get("version") != STATE_VERSION:
+            raise StateMismatchError(f"{path}: not an {STATE_FORMAT} v{STATE_VERSION} file.")
+        saved = list(
+            zip(data["text_stride"], data["text_frozen"], data["image_stride"], data["image_frozen"], strict=True)
+        )
+        if data["fingerprint"] == self.fingerprints:
+            targets = list(range(len(saved)))
+        else:
+            position = {fingerprint: index for index, fingerprint in enumerate(self.fingerprints)}
+            targets = [position.get(fingerprint, -1) for fingerprint in data["fingerprint"]]
+        restored = 0
+        for target, (text_stride, text_frozen, image_stride, image_frozen) in zip(targets, saved, strict=True):
+            if target < 0:
+                continue
+            self.stride[target] = torch.tensor([text_stride, image_stride])
+            self.frozen[target] = torch.tensor([text_frozen, image_frozen])
+            restored += 1
+        if restored == 0 and len(self):
+            raise StateMismatchError(
+                f"{path}: none of its {len(saved)} samples matches the current training set; was the dataset changed?"
+            )
+        return restored

@@ -1,0 +1,189 @@
+"""The spec's rules, checked one by one: mask geometry, stride transitions, cosines, and span finding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aimkp_plugin.data.spans import find_spans
+from aimkp_plugin.method.filtering import gradient_cosine, keep_copy
+from aimkp_plugin.method.masking import (
+    hidden_positions,
+    image_keep_offsets,
+    text_keep_offsets,
+    visibility_attention_mask,
+)
+from aimkp_plugin.method.state import CurriculumState, ModalityState, StateMismatchError, next_modality_state
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def spec_text_rule(length: int, stride: int) -> list[int]:
+    """The spec read literally: positions p with (p + 1) mod γ = 0; if γ > L only the last token."""
+    if stride > length:
+        return [length - 1]
+    return [p for p in range(length) if (p + 1) % stride == 0]
+
+
+@pytest.mark.parametrize("length", [1, 4, 7, 10, 27])
+@pytest.mark.parametrize("stride", [1, 2, 3, 5, 64])
+def test_text_mask_keeps_every_gamma_th_token(length: int, stride: int) -> None:
+    assert text_keep_offsets(length, stride) == spec_text_rule(length, stride)
+
+
+def test_text_mask_examples() -> None:
+    assert text_keep_offsets(10, 3) == [2, 5, 8]
+    assert text_keep_offsets(10, 11) == [9]
+    assert text_keep_offsets(0, 2) == []
+
+
+@pytest.mark.parametrize(("stride", "count"), [(1, 576), (2, 144), (4, 36), (8, 9), (16, 1), (32, 1)])
+def test_image_mask_on_llava_grid_matches_the_spec_counts(stride: int, count: int) -> None:
+    kept = image_keep_offsets(24, 24, stride)
+    assert len(kept) == count
+    for offset in kept:
+        row, col = divmod(offset, 24)
+        assert stride == 1 or (row % stride == stride - 1 and col % stride == stride - 1) or offset == 575
+
+
+def test_image_mask_worked_cells() -> None:
+    assert image_keep_offsets(24, 24, 16) == [15 * 24 + 15]
+    assert image_keep_offsets(24, 24, 32) == [575]  # the last image token
+    assert image_keep_offsets(24, 24, 8) == [r * 24 + c for r in (7, 15, 23) for c in (7, 15, 23)]
+
+
+@pytest.mark.parametrize(("height", "width"), [(6, 10), (10, 6), (3, 17), (8, 8)])
+@pytest.mark.parametrize("stride", [2, 4, 8, 16, 32])
+def test_image_mask_on_non_square_qwen_grids(height: int, width: int, stride: int) -> None:
+    expected = [
+        row * width + col
+        for row in range(height)
+        for col in range(width)
+        if row % stride == stride - 1 and col % stride == stride - 1
+    ]
+    assert image_keep_offsets(height, width, stride) == (expected or [height * width - 1])
+
+
+def test_hidden_positions_are_the_span_minus_kept() -> None:
+    assert hidden_positions([10, 11, 12, 13], [1, 3]) == [10, 12]
+
+
+def test_attention_mask_hides_columns_and_keeps_causality() -> None:
+    mask = visibility_attention_mask(5, [1, 3], torch.float32)[0, 0]
+    allowed = mask == 0
+    expected = torch.ones(5, 5, dtype=torch.bool).tril()
+    expected[:, [1, 3]] = False
+    expected[1, 1] = expected[3, 3] = True  # a hidden token only sees itself; nobody sees it
+    assert torch.equal(allowed, expected)
+    assert mask.min() == torch.finfo(torch.float32).min
+
+
+# ---------------------------------------------------------------- stride rules
+
+
+@pytest.mark.parametrize(
+    ("before", "cosine", "after"),
+    [
+        (ModalityState(1), None, ModalityState(2)),
+        (ModalityState(1), 0.9, ModalityState(2)),
+        (ModalityState(2), 0.5, ModalityState(4)),
+        (ModalityState(8), 0.11, ModalityState(16)),
+        (ModalityState(2), 0.1, ModalityState(2, frozen=True)),  # c == tau freezes, at max(2/2, 2) = 2
+        (ModalityState(4), 0.1, ModalityState(2, frozen=True)),
+        (ModalityState(16), -0.3, ModalityState(8, frozen=True)),
+        (ModalityState(8), math.nan, ModalityState(4, frozen=True)),  # NaN counts as disagreement
+        (ModalityState(4, frozen=True), 0.9, ModalityState(4, frozen=True)),
+        (ModalityState(4, frozen=True), -0.9, ModalityState(4, frozen=True)),
+        (ModalityState(4), None, ModalityState(4)),
+    ],
+)
+def test_stride_transition_table(before: ModalityState, cosine: float | None, after: ModalityState) -> None:
+    assert next_modality_state(before, cosine, threshold=0.1) == after
+
+
+def test_fixed_stride_ablation_never_moves() -> None:
+    assert next_modality_state(ModalityState(1), None, 0.1, progressive=False) == ModalityState(1)
+    assert next_modality_state(ModalityState(2), -1.0, 0.1, progressive=False) == ModalityState(2)
+
+
+def test_filter_keeps_copies_at_or_above_threshold() -> None:
+    assert keep_copy(0.4, 0.4) and keep_copy(0.41, 0.4) and not keep_copy(0.39, 0.4)
+    assert not keep_copy(math.nan, -1.0)
+    assert keep_copy(-1.0, 0.4, filtering=False)
+
+
+# ---------------------------------------------------------------- cosine
+
+
+def test_cosine_over_parameter_lists_matches_flat_cosine() -> None:
+    generator = torch.Generator().manual_seed(0)
+    first = [torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)]
+    second = [torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)]
+    flat = torch.nn.functional.cosine_similarity(
+        torch.cat([t.flatten() for t in first]), torch.cat([t.flatten() for t in second]), dim=0
+    )
+    assert gradient_cosine(first, second) == pytest.approx(float(flat), abs=1e-6)
+
+
+def test_cosine_is_nan_for_zero_or_non_finite_gradients() -> None:
+    assert math.isnan(gradient_cosine([torch.zeros(3)], [torch.ones(3)]))
+    assert math.isnan(gradient_cosine([torch.tensor([1.0, math.nan])], [torch.ones(2)]))
+
+
+def test_cosine_of_bf16_gradients_is_computed_in_float32() -> None:
+    first = [torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)]
+    assert gradient_cosine(first, first) == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- state file
+
+
+def test_state_round_trip_and_matching_by_fingerprint(tmp_path) -> None:
+    state = CurriculumState(3, init_stride=1, fingerprints=["a", "b", "c"])
+    state.set(1, "text", ModalityState(4))
+    state.set(2, "image", ModalityState(2, frozen=True))
+    path = state.save(tmp_path)
+    same = CurriculumState(3, 1, ["a", "b", "c"])
+    assert same.load_matching(path) == 3
+    assert torch.equal(same.stride, state.stride) and torch.equal(same.frozen, state.frozen)
+    shuffled = CurriculumState(4, 1, ["c", "x", "b", "a"])
+    assert shuffled.load_matching(path) == 3
+    assert shuffled.get(2, "text") == ModalityState(4) and shuffled.get(0, "image") == ModalityState(2, True)
+    assert shuffled.get(1, "text") == ModalityState(1)
+    with pytest.raises(StateMismatchError, match="none of its 3 samples matches"):
+        CurriculumState(2, 1, ["y", "z"]).load_matching(path)
+
+
+# ---------------------------------------------------------------- spans
+
+
+def test_spans_llava_layout() -> None:
+    image, newline, *instruction = 99, 5, 40, 41, 42
+    ids = [1, 2, 3] + [image] * 4 + [7, 8, 9, newline] + instruction + [50, 51, 52]
+    labels = [-100] * (len(ids) - 2) + [51, 52]
+    spans = find_spans(ids, labels, image, [(2, 2)], set(), [instruction], {newline})
+    assert spans.text == [7, 8, 9] and spans.instruction_found
+    assert spans.images[0].positions == [3, 4, 5, 6] and spans.images[0].grid == (2, 2)
+
+
+def test_spans_qwen_layout_skips_vision_end_and_finds_several_images() -> None:
+    pad, start, end = 99, 97, 98
+    ids = [1, start, pad, pad, end, start, pad, pad, pad, end, 7, 8, 40, 41, 60, 61]
+    labels = [-100] * 15 + [61]
+    spans = find_spans(ids, labels, pad, [(1, 2), (1, 3)], {end}, [[40, 41]], set())
+    assert [image.positions for image in spans.images] == [[2, 3], [6, 7, 8]]
+    assert spans.text == [10, 11]
+
+
+def test_spans_without_instruction_run_to_the_answer() -> None:
+    ids = [9, 9, 7, 8, 60]
+    spans = find_spans(ids, [-100, -100, -100, -100, 60], 9, None, set(), [[40]], set())
+    assert spans.text == [2, 3] and not spans.instruction_found and spans.images[0].grid is None
+
+
+def test_spans_without_image_have_no_text_anchor() -> None:
+    spans = find_spans([1, 2, 3, 4], [-100, -100, -100, 4], 9, None, set(), [[3]], set())
+    assert spans.text == [] and spans.images == []
