@@ -32,6 +32,7 @@ demo: setup
 	llamafactory-cli train recipes/demo/demo_llava_predict.yaml
 	@echo
 	@echo "Adapter:     $(BUILD)/demo/llava-lora"
+	@echo "Curriculum:  $(BUILD)/demo/llava-lora/aimkp_state.json, plot $(BUILD)/demo/llava-lora/training_aimkp_curriculum.png"
 	@echo "Predictions: $(BUILD)/demo/llava-lora/predict/generated_predictions.jsonl"
 
 test: setup

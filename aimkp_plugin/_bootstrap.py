@@ -17,6 +17,7 @@ HOOKED_MODULES = frozenset(
         "llamafactory.data.converter",
         "llamafactory.data.loader",
         "llamafactory.train.tuner",
+        "llamafactory.train.sft.workflow",
     }
 )
 FINDER_MARKER = "_aimkp_post_import_finder"

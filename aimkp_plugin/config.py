@@ -13,6 +13,7 @@ from typing import Any
 
 KEY_PREFIX = "aimkp"
 MODALITIES = ("text", "image")
+IMPLEMENTATIONS = ("reference",)
 SUPPORTED_STAGES = ("sft",)
 THRESHOLD_RANGE = (-1.0, 1.0)
 TRUE_STRINGS = ("true", "1", "yes", "on")
@@ -64,6 +65,13 @@ class AimkpArguments:
         default=True,
         metadata={"help": "Progressive strides. False keeps every stride fixed at aimkp_init_stride."},
     )
+    aimkp_impl: str = field(
+        default="reference",
+        metadata={
+            "help": f"How the AimKP step is computed: one of {', '.join(IMPLEMENTATIONS)}. 'reference' runs every "
+            "sample and variant one at a time, exactly as the spec states it."
+        },
+    )
     aimkp_skip_bad_records: bool = field(
         default=False,
         metadata={
@@ -87,6 +95,9 @@ class AimkpArguments:
         if self.aimkp_init_stride < 1:
             raise AimkpConfigError(f"aimkp_init_stride must be an integer >= 1, got {self.aimkp_init_stride}.")
         self.aimkp_modalities = _to_modalities(self.aimkp_modalities)
+        if self.aimkp_impl not in IMPLEMENTATIONS:
+            allowed = ", ".join(IMPLEMENTATIONS)
+            raise AimkpConfigError(f"aimkp_impl must be one of: {allowed}; got {self.aimkp_impl!r}.")
 
     @property
     def threshold(self) -> dict[str, float]:
@@ -200,22 +211,37 @@ def argv_value(argv: list[str], name: str) -> Any:
     return None
 
 
-def check_training_config(args: AimkpArguments, stage: Any, packing: Any, neat_packing: Any, use_ray: Any) -> None:
-    """Reject training setups AimKP cannot run with; called only when ``aimkp: true``."""
-    stage = stage or "sft"
+SETUP_KEYS = ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
+SUPPORTED_ENGINES = "single process, or DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs)"
+
+
+def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
+    """Reject training setups AimKP cannot run with; ``setup`` maps ``SETUP_KEYS`` to the config's values.
+
+    Called only when ``aimkp: true``.
+    """
+    stage = setup.get("stage") or "sft"
     if stage not in SUPPORTED_STAGES:
         raise AimkpConfigError(
             f"aimkp: true needs stage one of: {', '.join(SUPPORTED_STAGES)}; got stage: {stage}. "
             "Set stage: sft, or remove aimkp."
         )
-    for name, value in (("packing", packing), ("neat_packing", neat_packing)):
+    for name in ("packing", "neat_packing", "streaming"):
+        value = setup.get(name)
         if value is not None and _to_bool(name, value):
+            reason = "masking needs one sample per sequence" if "packing" in name else "samples need a stable index"
+            raise AimkpConfigError(f"aimkp: true cannot be combined with {name}: true ({reason}). Set {name}: false.")
+    for name in ("use_ray", "deepspeed", "fsdp"):
+        value = setup.get(name)
+        if value not in (None, False, "", [], "false", "False"):
             raise AimkpConfigError(
-                f"aimkp: true cannot be combined with {name}: true (masking needs one sample per sequence). "
-                f"Set {name}: false."
+                f"aimkp: true does not support {name} yet; supported engines: {SUPPORTED_ENGINES}. Remove {name}."
             )
-    if use_ray is not None and _to_bool("use_ray", use_ray):
-        raise AimkpConfigError("aimkp: true does not support use_ray: true yet; use torchrun (FORCE_TORCHRUN=1).")
+    if str(setup.get("flash_attn") or "auto") == "fa2":
+        raise AimkpConfigError(
+            "aimkp: true masks tokens with a custom attention mask, which flash_attn: fa2 cannot take. "
+            "Use flash_attn: sdpa (or auto / disabled)."
+        )
 
 
 IMAGE_CONFIG_KEYS = ("vision_config", "image_token_index", "image_token_id", "mm_vision_tower")

@@ -25,6 +25,7 @@ ALL_PATCHES = {
     "_patch_data_converter_register_cmkp",
     "_patch_data_loader_load_single_dataset",
     "_patch_train_tuner_training_function",
+    "_patch_train_sft_workflow_trainer",
 }
 
 

@@ -103,7 +103,11 @@ def test_boolean_rejects_other_values() -> None:
         ({"stage": "pt"}, "got stage: pt"),
         ({"packing": True}, "packing: true"),
         ({"neat_packing": "true"}, "neat_packing: true"),
-        ({"use_ray": True}, "use_ray"),
+        ({"use_ray": True}, "does not support use_ray yet; supported engines: single process"),
+        ({"deepspeed": "ds_z2_config.json"}, "does not support deepspeed yet"),
+        ({"fsdp": "full_shard"}, "does not support fsdp yet"),
+        ({"streaming": True}, "streaming: true"),
+        ({"flash_attn": "fa2"}, "flash_attn: fa2"),
     ],
 )
 def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) -> None:
@@ -117,7 +121,7 @@ def test_unsupported_setups_are_fine_when_aimkp_is_off() -> None:
 
 
 def test_default_stage_is_sft() -> None:
-    check_training_config(AimkpArguments(aimkp=True), stage=None, packing=None, neat_packing=None, use_ray=None)
+    check_training_config(AimkpArguments(aimkp=True), {})
 
 
 def test_argv_form_is_split_too() -> None:

@@ -79,6 +79,7 @@ def test_attention_mask_hides_columns_and_keeps_causality() -> None:
     expected[1, 1] = expected[3, 3] = True  # a hidden token only sees itself; nobody sees it
     assert torch.equal(allowed, expected)
     assert mask.min() == torch.finfo(torch.float32).min
+    assert torch.equal(visibility_attention_mask(5, [1, 3], torch.bool)[0, 0], expected)
 
 
 # ---------------------------------------------------------------- stride rules
@@ -164,7 +165,7 @@ def test_spans_llava_layout() -> None:
     image, newline, *instruction = 99, 5, 40, 41, 42
     ids = [1, 2, 3] + [image] * 4 + [7, 8, 9, newline] + instruction + [50, 51, 52]
     labels = [-100] * (len(ids) - 2) + [51, 52]
-    spans = find_spans(ids, labels, image, [(2, 2)], set(), [instruction], {newline})
+    spans = find_spans(ids, labels, image, [(2, 2)], set(), [instruction], {newline}.__contains__)
     assert spans.text == [7, 8, 9] and spans.instruction_found
     assert spans.images[0].positions == [3, 4, 5, 6] and spans.images[0].grid == (2, 2)
 
@@ -173,17 +174,17 @@ def test_spans_qwen_layout_skips_vision_end_and_finds_several_images() -> None:
     pad, start, end = 99, 97, 98
     ids = [1, start, pad, pad, end, start, pad, pad, pad, end, 7, 8, 40, 41, 60, 61]
     labels = [-100] * 15 + [61]
-    spans = find_spans(ids, labels, pad, [(1, 2), (1, 3)], {end}, [[40, 41]], set())
+    spans = find_spans(ids, labels, pad, [(1, 2), (1, 3)], {end}, [[40, 41]], set().__contains__)
     assert [image.positions for image in spans.images] == [[2, 3], [6, 7, 8]]
     assert spans.text == [10, 11]
 
 
 def test_spans_without_instruction_run_to_the_answer() -> None:
     ids = [9, 9, 7, 8, 60]
-    spans = find_spans(ids, [-100, -100, -100, -100, 60], 9, None, set(), [[40]], set())
+    spans = find_spans(ids, [-100, -100, -100, -100, 60], 9, None, set(), [[40]], set().__contains__)
     assert spans.text == [2, 3] and not spans.instruction_found and spans.images[0].grid is None
 
 
 def test_spans_without_image_have_no_text_anchor() -> None:
-    spans = find_spans([1, 2, 3, 4], [-100, -100, -100, 4], 9, None, set(), [[3]], set())
+    spans = find_spans([1, 2, 3, 4], [-100, -100, -100, 4], 9, None, set(), [[3]], set().__contains__)
     assert spans.text == [] and spans.images == []

@@ -79,16 +79,6 @@ def test_hook_fires_in_both_torchrun_ranks(
     assert dict(patches_by_rank) == {"0": ALL_PATCHES, "1": ALL_PATCHES}
 
 
-def test_aimkp_true_stops_with_not_implemented_yet(
-    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
-):
-    config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, tmp_path / "out", aimkp=True)
-    result = llamafactory_runner(config)
-    assert result.returncode != 0
-    assert "AimkpNotImplementedError" in result.stdout and "not implemented yet" in result.stdout
-    assert "train_loss" not in result.stdout  # never quietly trains plain SFT
-
-
 def test_aimkp_true_rejects_a_model_without_image_input(cmkp_workspace: Path, tmp_path: Path, llamafactory_runner):
     text_only = tmp_path / "text-only"
     text_only.mkdir()

@@ -15,7 +15,7 @@ Pure Python / torch; nothing here imports LLaMA-Factory.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -69,14 +69,15 @@ def find_spans(
     grids: Sequence[tuple[int, int] | None] | None,
     skip_after_image: set[int],
     instructions: Sequence[Sequence[int]],
-    whitespace_ids: set[int],
+    is_whitespace: Callable[[int], bool],
     ignore_index: int = -100,
 ) -> ModalitySpans:
     """Locate the text and image spans of one unpadded sample.
 
     ``grids`` gives one grid per image block (None entries, or None for all, mean the 1-D fallback);
     ``skip_after_image`` are token ids that close an image (e.g. ``<|vision_end|>``); ``instructions`` are the
-    candidate token-id sequences of the instruction, tried in order.
+    candidate token-id sequences of the instruction, tried in order; ``is_whitespace`` tells whether a token decodes
+    to whitespace only.
     """
     ids = list(input_ids)
     answer_start = next((index for index, label in enumerate(labels) if label != ignore_index), len(ids))
@@ -99,6 +100,6 @@ def find_spans(
         if index >= 0:
             end, found = index, True
             break
-    while end > start and ids[end - 1] in whitespace_ids:
+    while end > start and is_whitespace(ids[end - 1]):
         end -= 1
     return ModalitySpans(text=list(range(start, end)), images=images, instruction_found=found)

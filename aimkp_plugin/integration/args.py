@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from ..config import (
+    SETUP_KEYS,
     TRUE_STRINGS,
     AimkpArguments,
     AimkpConfigError,
@@ -26,10 +27,6 @@ from . import patches
 
 
 _active_arguments: AimkpArguments | None = None
-
-
-class AimkpNotImplementedError(NotImplementedError):
-    """``aimkp: true`` asked for a part of the method this version does not have yet."""
 
 
 def active_arguments() -> AimkpArguments | None:
@@ -61,13 +58,7 @@ def extract_aimkp_arguments(config: Any) -> tuple[Any, AimkpArguments | None]:
         return config, None
     arguments = parse_aimkp_arguments(ours)
     if arguments.aimkp:
-        check_training_config(
-            arguments,
-            stage=_config_value(rest, "stage"),
-            packing=_config_value(rest, "packing"),
-            neat_packing=_config_value(rest, "neat_packing"),
-            use_ray=_config_value(rest, "use_ray"),
-        )
+        check_training_config(arguments, {key: _config_value(rest, key) for key in SETUP_KEYS})
     return rest, arguments
 
 
@@ -142,10 +133,6 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
         raise AimkpConfigError("aimkp: true needs model_name_or_path.")
     trust = str(_config_value(config, "trust_remote_code")).strip().lower() in TRUE_STRINGS
     check_model_has_image_input(str(model), load_model_config(str(model), trust))
-    raise AimkpNotImplementedError(
-        "aimkp: true: the AimKP training step (Progressive Modality Masking + Gradient-Based Filtering) is not "
-        "implemented yet in this version of aimkp-plugin. Remove aimkp: true to train plain SFT on purpose."
-    )
 
 
 def _patch_train_tuner_training_function(module: ModuleType) -> None:

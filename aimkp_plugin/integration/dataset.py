@@ -34,6 +34,7 @@ from ..data.cmkp import (
 )
 from . import patches
 from .args import active_arguments
+from .batches import register_instruction
 
 
 CMKP_FORMATTING = "cmkp"
@@ -91,6 +92,7 @@ def _patch_data_parser_dataset_attr_join(module: ModuleType) -> None:
     def join(original: Any, self: Any, attr: dict[str, Any]) -> None:
         original(self, attr)
         self.cmkp_options = CmkpDatasetOptions.from_entry(self.dataset_name, attr.get(OPTIONS_KEY))
+        register_instruction(self.cmkp_options.instruction)  # the AimKP step finds the text span's end by it
 
     patches.wrap_function(module.DatasetAttr, "join", "dataset_attr_join", join)
 

@@ -112,7 +112,7 @@ def wrap_function(owner: Any, name: str, patch_name: str, wrapper: Callable[...,
 
 
 def _patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
-    from . import args, dataset
+    from . import args, dataset, trainer
 
     return {
         "llamafactory.hparams.parser": (args._patch_hparams_parser_read_args,),
@@ -120,6 +120,7 @@ def _patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
         "llamafactory.data.converter": (dataset._patch_data_converter_register_cmkp,),
         "llamafactory.data.loader": (dataset._patch_data_loader_load_single_dataset,),
         "llamafactory.train.tuner": (args._patch_train_tuner_training_function,),
+        "llamafactory.train.sft.workflow": (trainer._patch_train_sft_workflow_trainer,),
     }
 
 

@@ -3,8 +3,8 @@
 For sample i with n_i answer tokens, variant gradients g_orig, g_text, g_image (of each variant's mean cross-entropy)
 and thresholds τ:
 
-- c_m = cos(g_orig, g_m), computed in float32; a zero or non-finite gradient gives NaN, which counts as
-  disagreement (the copy is dropped and the modality freezes);
+- c_m = cos(g_orig, g_m), computed in float32 (float64 for float64 gradients); a zero or non-finite gradient
+  gives NaN, which counts as disagreement (the copy is dropped and the modality freezes);
 - the copy of modality m is kept when c_m ≥ τ_m (dropped when c_m < τ_m); the original is always kept;
 - sample gradient G_i = n_i · mean of the kept variants' gradients;
 - optimizer-step gradient = Σ_i G_i / N, with N the answer tokens of the whole step (all micro-batches, all ranks).
@@ -19,10 +19,14 @@ import torch
 
 
 def gradient_cosine(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> float:
-    """cos between two gradients given per parameter, accumulated in float32; NaN for zero or non-finite ones."""
-    dot = first_norm = second_norm = torch.zeros((), dtype=torch.float32)
+    """cos between two gradients given per parameter; NaN for zero or non-finite ones.
+
+    Accumulated in float32 at least (bf16/fp16 gradients are promoted; float64 ones stay float64).
+    """
+    dtype = torch.promote_types(first[0].dtype, torch.float32) if first else torch.float32
+    dot = first_norm = second_norm = torch.zeros((), dtype=dtype)
     for a, b in zip(first, second, strict=True):
-        a, b = a.detach().float(), b.detach().float()
+        a, b = a.detach().to(dtype), b.detach().to(dtype)
         dot = dot + (a * b).sum().cpu()
         first_norm = first_norm + (a * a).sum().cpu()
         second_norm = second_norm + (b * b).sum().cpu()

@@ -41,16 +41,20 @@ def hidden_positions(span_positions: list[int], kept_offsets: list[int]) -> list
 
 
 def visibility_attention_mask(length: int, hidden: list[int], dtype: torch.dtype, device=None) -> torch.Tensor:
-    """A (1, 1, L, L) additive causal mask in which no token attends to a ``hidden`` position.
+    """A (1, 1, L, L) causal mask in which no token attends to a ``hidden`` position.
 
-    A hidden token still attends to itself, so no row is fully masked (a fully masked softmax row would be NaN and
-    poison the backward pass); nothing reads its output, because every other row masks its column.
+    ``dtype`` bool gives True = attend (for SDPA); a float dtype gives an additive mask (0 or the dtype's minimum,
+    for eager attention). A hidden token still attends to itself, so no row is fully masked (a fully masked softmax
+    row would be NaN and poison the backward pass); nothing reads its output, because every other row masks its
+    column.
     """
     allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     if hidden:
         index = torch.tensor(hidden, dtype=torch.long, device=device)
         allowed[:, index] = False
         allowed[index, index] = True
+    if dtype == torch.bool:
+        return allowed[None, None]
     mask = torch.zeros(length, length, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]

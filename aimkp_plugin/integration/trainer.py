@@ -1,0 +1,179 @@
+"""Touch point: LLaMA-Factory's SFT trainer (``train.sft.workflow.CustomSeq2SeqTrainer``).
+
+With ``aimkp: true`` the trainer's ``training_step`` runs the AimKP step instead of one forward/backward:
+
+- sample identity: each training sample's index in LLaMA-Factory's final train dataset (stable across epochs,
+  shuffling and resume), carried through the collator as ``aimkp_index``; a fingerprint of its token ids matches
+  samples when a saved state is restored;
+- the step writes ``.grad`` itself (token-weighted over the whole optimizer step: all micro-batches, all ranks), so
+  on several processes it all-reduces the gradients at the synchronising micro-step instead of relying on DDP hooks;
+  the filtering decision uses each sample's own gradients, before any all-reduce;
+- clipping, the optimizer and the scheduler then run as usual.
+
+Without ``aimkp: true`` the subclass behaves exactly like LLaMA-Factory's trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..method.step import IGNORE_INDEX, StepConfig, reference_sample_step
+from . import patches
+from .args import active_arguments
+from .batches import BatchSplitter
+from .callback import AimkpCallback, distributed
+
+
+logger = logging.getLogger("llamafactory.aimkp")
+INDEX_COLUMN = "aimkp_index"
+
+
+def sample_fingerprints(dataset: Any) -> list[str]:
+    """A short hash of each sample's token ids (and image paths when the dataset keeps them)."""
+    ids_column = dataset["input_ids"]
+    images = dataset["images"] if "images" in dataset.column_names else [None] * len(ids_column)
+    fingerprints = []
+    for ids, image in zip(ids_column, images, strict=True):
+        digest = hashlib.sha1(repr((list(ids), image)).encode())
+        fingerprints.append(digest.hexdigest()[:16])
+    return fingerprints
+
+
+class IndexPassingCollator:
+    """Wraps a collator: takes ``aimkp_index`` out of each feature and returns it as a tensor in the batch."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        indices = [feature.pop(INDEX_COLUMN, None) for feature in features]
+        batch = self.collator(features)
+        if all(index is not None for index in indices):
+            batch[INDEX_COLUMN] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.collator, name)
+
+
+def mask_dtype_for(model: Any, compute_dtype: torch.dtype) -> torch.dtype:
+    """Boolean masks for SDPA, additive float masks for eager attention."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    return torch.bool if implementation == "sdpa" else compute_dtype
+
+
+def make_aimkp_trainer_class(base: type) -> type:
+    """A subclass of LLaMA-Factory's ``CustomSeq2SeqTrainer`` that runs the AimKP step when ``aimkp: true``."""
+
+    class AimkpSeq2SeqTrainer(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            arguments = active_arguments()
+            self.aimkp = arguments if arguments is not None and arguments.aimkp else None
+            self.aimkp_callback: AimkpCallback | None = None
+            train_dataset = kwargs.get("train_dataset")
+            if self.aimkp is not None and train_dataset is not None:
+                fingerprints = sample_fingerprints(train_dataset)
+                kwargs["train_dataset"] = train_dataset.add_column(INDEX_COLUMN, list(range(len(fingerprints))))
+                kwargs["data_collator"] = IndexPassingCollator(kwargs["data_collator"])
+                self.aimkp_callback = AimkpCallback(self.aimkp, fingerprints)
+                kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.aimkp_callback]
+            super().__init__(*args, **kwargs)
+            if self.aimkp_callback is not None:
+                self.aimkp_splitter = BatchSplitter(self.model.config, self.processing_class)
+                self.aimkp_config = StepConfig(
+                    modalities=self.aimkp.aimkp_modalities,
+                    thresholds=self.aimkp.threshold,
+                    filtering=self.aimkp.aimkp_filter,
+                    progressive=self.aimkp.aimkp_progressive,
+                )
+                self.aimkp_step_tokens = 0.0
+
+        def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+            if self.aimkp_callback is not None and resume_from_checkpoint:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = resume_from_checkpoint
+                if isinstance(path, bool):
+                    path = get_last_checkpoint(self.args.output_dir)
+                if path:
+                    self.aimkp_callback.restore(path)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+            batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self.aimkp_callback is not None:
+                tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batch_samples)
+                total = torch.tensor(float(tokens), dtype=torch.float64, device=self.args.device)
+                if distributed():
+                    dist.all_reduce(total)
+                self.aimkp_step_tokens = float(total)  # N: answer tokens of the whole optimizer step
+            return batch_samples, num_items
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+            if self.aimkp_callback is None or INDEX_COLUMN not in inputs:
+                inputs.pop(INDEX_COLUMN, None)
+                return super().training_step(model, inputs, num_items_in_batch)
+            indices = inputs.pop(INDEX_COLUMN).tolist()
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            core = self.accelerator.unwrap_model(model)
+            parameters = [parameter for parameter in core.parameters() if parameter.requires_grad]
+            compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+            mask_dtype = mask_dtype_for(core, compute_dtype)
+            total = max(self.aimkp_step_tokens, 1.0)
+            outcomes = []
+            sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
+            with sync:
+                for sample in self.aimkp_splitter.split(inputs, indices):
+                    outcomes.append(
+                        reference_sample_step(
+                            core, parameters, sample, self.aimkp_callback.state, self.aimkp_config, total, mask_dtype
+                        )
+                    )
+            self.aimkp_callback.record(outcomes)
+            if self.accelerator.gradient_state.sync_gradients:
+                if distributed():
+                    self._aimkp_all_reduce(parameters)
+                self.aimkp_callback.synchronise()
+            scale = self.accelerator.num_processes if distributed() else 1
+            loss = sum(outcome.original_loss_sum for outcome in outcomes) / total * scale
+            return torch.tensor(loss, device=self.args.device)
+
+        def _aimkp_all_reduce(self, parameters: list[torch.Tensor]) -> None:
+            """Sum ``.grad`` over ranks (each rank holds its samples' share of Σ_i G_i / N)."""
+            for parameter in parameters:
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+            flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
+            dist.all_reduce(flat)
+            offset = 0
+            for parameter in parameters:
+                count = parameter.numel()
+                parameter.grad.copy_(flat[offset : offset + count].view_as(parameter))
+                offset += count
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if self.aimkp_callback is not None and "loss" in logs:
+                metrics = self.aimkp_callback.log_metrics()
+                self.aimkp_callback.remember(self.state.global_step, metrics)
+                logs.update(metrics)
+            super().log(logs, *args, **kwargs)
+
+    AimkpSeq2SeqTrainer.__name__ = AimkpSeq2SeqTrainer.__qualname__ = "AimkpSeq2SeqTrainer"
+    return AimkpSeq2SeqTrainer
+
+
+def _patch_train_sft_workflow_trainer(module: ModuleType) -> None:
+    """Replace ``llamafactory.train.sft.workflow.CustomSeq2SeqTrainer`` by a subclass that runs the AimKP step.
+
+    Why: ``run_sft`` builds its trainer from that name and the v0 trainer has no hook for a custom step. The subclass
+    changes nothing unless the run's config has ``aimkp: true``. Tested on llamafactory 0.9.5.
+    """
+    patches.replace_attribute(module, "CustomSeq2SeqTrainer", "aimkp_trainer", make_aimkp_trainer_class)

@@ -1,0 +1,291 @@
+"""The reference AimKP step against a one-variant-at-a-time ground truth written independently from the spec.
+
+The ground truth finds the spans its own way (exact search of the encoded post text, image tokens by id), builds
+the masks from the spec's formulas, runs a second copy of the model with an additive float
+mask, takes HF's own mean loss and ``torch.autograd.grad``, all in float64. The plugin runs the LLaMA-Factory batch
+through its splitter and step (SDPA, boolean masks). Cosines, keep decisions, the final ``.grad`` of every trainable
+parameter and the stride updates must agree.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from aimkp_plugin.data.cmkp import iter_records
+from aimkp_plugin.integration.batches import BatchSplitter
+from aimkp_plugin.method.state import CurriculumState, ModalityState, next_modality_state
+from aimkp_plugin.method.step import StepConfig, reference_sample_step
+
+from .conftest import tiny_train_config
+
+
+FAMILIES = {"llava": ("llava", 2), "qwen2vl": ("qwen2_vl", 2)}
+STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with text 3; text off, image 8
+    (ModalityState(2), ModalityState(2)),
+    (ModalityState(3), ModalityState(4, frozen=True)),
+    (ModalityState(1), ModalityState(8)),
+]
+
+
+def llamafactory_batch(model_path: Path, template: str, workspace: Path, tmp_path: Path, size: int):
+    """A real SFT batch of the first ``size`` raw test posts, built by LLaMA-Factory's own data pipeline."""
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    config = tiny_train_config(model_path, template, workspace, tmp_path / "out", dataset="raw_test", max_samples=size)
+    model_args, data_args, training_args, _, _ = get_train_args(config)
+    tokenizer_module = load_tokenizer(model_args)
+    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    dataset = get_dataset(template_obj, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    features = [dict(dataset["train_dataset"][index]) for index in range(size)]
+    model = None
+    if template == "qwen2_vl":  # LLaMA-Factory's collator computes the m-rope positions with the model
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(model_path)
+    collator = SFTDataCollatorWith4DAttentionMask(
+        template=template_obj, model=model, pad_to_multiple_of=None, label_pad_token_id=-100, **tokenizer_module
+    )
+    batch = collator(features)
+    return batch, tokenizer_module["tokenizer"]
+
+
+def load_model(path: Path, attention: str) -> torch.nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64, attn_implementation=attention)
+    for name, parameter in model.named_parameters():  # train the LLM and projector, freeze the vision tower
+        parameter.requires_grad = "vision" not in name or "merger" in name
+    return model.train()
+
+
+def spec_hidden(ids: list[int], text: list[int], image: list[int], grid: tuple[int, int], modality: str, stride: int):
+    """Hidden positions straight from the spec's formulas."""
+    if modality == "text":
+        keep = {p for p in range(len(text)) if (p + 1) % stride == 0} or {len(text) - 1}
+        return [position for offset, position in enumerate(text) if offset not in keep]
+    rows, cols = grid
+    keep = {
+        r * cols + c for r in range(rows) for c in range(cols) if r % stride == stride - 1 and c % stride == stride - 1
+    }
+    keep = keep or {rows * cols - 1}
+    return [position for offset, position in enumerate(image) if offset not in keep]
+
+
+def ground_truth_gradient(model, inputs: dict, hidden: list[int], parameters) -> tuple[list[torch.Tensor], int]:
+    length = inputs["input_ids"].shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    for position in hidden:
+        allowed[:, position] = False
+        allowed[position, position] = True
+    mask = torch.zeros(length, length, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    kwargs = {**inputs, "attention_mask": mask[None, None]}
+    kwargs.setdefault("position_ids", torch.arange(length)[None])
+    loss = model(**kwargs).loss  # HF's own mean cross-entropy over the answer tokens
+    return list(torch.autograd.grad(loss, parameters, allow_unused=False)), int(
+        (inputs["labels"][:, 1:] != -100).sum()
+    )
+
+
+def flat(gradients: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([gradient.reshape(-1) for gradient in gradients])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_reference_step_matches_one_variant_at_a_time_ground_truth(
+    family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    template, merge = FAMILIES[family]
+    path = tiny_models[family]
+    batch, tokenizer = llamafactory_batch(path, template, cmkp_workspace, tmp_path, size=3)
+    posts = [post for _, post in iter_records(cmkp_workspace / "raw" / "test_src.txt")][:3]
+
+    # ---- ground truth, sample by sample, variant by variant
+    truth_model = load_model(path, "sdpa")  # eager attention would take its softmax in float32
+    truth_parameters = [parameter for parameter in truth_model.parameters() if parameter.requires_grad]
+    image_id = truth_model.config.image_token_index if family == "llava" else truth_model.config.image_token_id
+    pixel_offset = 0
+    truth = []
+    for row, post in enumerate(posts):
+        visible = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][visible]
+        inputs = {"input_ids": ids[None], "labels": batch["labels"][row][visible][None]}
+        image = [index for index, token in enumerate(ids.tolist()) if token == image_id]
+        if family == "llava":
+            inputs["pixel_values"] = batch["pixel_values"][row : row + 1].double()
+            grid = (int(math.isqrt(len(image))),) * 2
+        else:
+            thw = batch["image_grid_thw"][row : row + 1]
+            patches = int(thw.prod())
+            inputs["pixel_values"] = batch["pixel_values"][pixel_offset : pixel_offset + patches].double()
+            inputs["image_grid_thw"] = thw
+            inputs["position_ids"] = batch["position_ids"][:, row : row + 1][..., visible]
+            pixel_offset += patches
+            grid = (int(thw[0, 1]) // merge, int(thw[0, 2]) // merge)
+        encoded = tokenizer.encode(post.text, add_special_tokens=False)
+        start = next(i for i in range(len(ids)) if ids[i : i + len(encoded)].tolist() == encoded)
+        text = list(range(start, start + len(encoded)))
+        gradients, n_tokens = {}, 0
+        gradients["original"], n_tokens = ground_truth_gradient(truth_model, inputs, [], truth_parameters)
+        for modality, state in zip(("text", "image"), STRIDES[row], strict=True):
+            if state.stride > 1:
+                hidden = spec_hidden(ids.tolist(), text, image, grid, modality, state.stride)
+                gradients[modality], _ = ground_truth_gradient(truth_model, inputs, hidden, truth_parameters)
+        cosines = {
+            name: float(torch.nn.functional.cosine_similarity(flat(gradients["original"]), flat(g), dim=0))
+            for name, g in gradients.items()
+            if name != "original"
+        }
+        truth.append((gradients, n_tokens, cosines))
+
+    # thresholds between observed cosines, so that some copies are kept and some dropped
+    text_cosines = sorted(cos["text"] for _, _, cos in truth if "text" in cos)
+    image_cosines = sorted(cos["image"] for _, _, cos in truth if "image" in cos)
+    thresholds = {"text": (text_cosines[0] + text_cosines[1]) / 2, "image": (image_cosines[0] + image_cosines[1]) / 2}
+    total_tokens = sum(n for _, n, _ in truth)
+    expected = [torch.zeros_like(parameter) for parameter in truth_parameters]
+    for gradients, n_tokens, cosines in truth:
+        kept = ["original"] + [name for name, cosine in cosines.items() if cosine >= thresholds[name]]
+        for name in kept:
+            for accumulator, gradient in zip(expected, gradients[name], strict=True):
+                accumulator += gradient * n_tokens / len(kept) / total_tokens
+    assert any(c < thresholds["text"] for c in text_cosines) and any(c >= thresholds["text"] for c in text_cosines)
+
+    # ---- the plugin
+    model = load_model(path, "sdpa")
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    state = CurriculumState(3, 1, ["a", "b", "c"])
+    for index, (text_state, image_state) in enumerate(STRIDES):
+        state.set(index, "text", text_state)
+        state.set(index, "image", image_state)
+    config = StepConfig(modalities=["text", "image"], thresholds=thresholds)
+    batch_for_plugin = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
+    samples = BatchSplitter(model.config, tokenizer).split(batch_for_plugin, [0, 1, 2])
+    outcomes = [reference_sample_step(model, parameters, s, state, config, total_tokens, torch.bool) for s in samples]
+
+    for outcome, (_, n_tokens, cosines) in zip(outcomes, truth, strict=True):
+        assert outcome.num_answer_tokens == n_tokens
+        assert {copy.modality: copy.cosine for copy in outcome.copies} == pytest.approx(cosines, abs=1e-9)
+        assert {copy.modality: copy.kept for copy in outcome.copies} == {
+            name: cosine >= thresholds[name] for name, cosine in cosines.items()
+        }
+        for modality, before in zip(("text", "image"), STRIDES[outcome.index], strict=True):
+            after = next_modality_state(before, cosines.get(modality), thresholds[modality])
+            assert state.get(outcome.index, modality) == after
+    for parameter, reference in zip(parameters, expected, strict=True):
+        torch.testing.assert_close(parameter.grad, reference, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hidden_tokens_do_not_influence_the_loss(family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
+    """Perturbing a hidden token's embedding leaves a masked copy's loss unchanged; perturbing a kept one does not."""
+    from aimkp_plugin.method.step import hidden_for, masked_inputs, summed_cross_entropy
+
+    template, _ = FAMILIES[family]
+    batch, tokenizer = llamafactory_batch(tiny_models[family], template, cmkp_workspace, tmp_path, size=1)
+    model = load_model(tiny_models[family], "sdpa").eval()
+    batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
+    sample = BatchSplitter(model.config, tokenizer).split(batch, [0])[0]
+    for modality in ("text", "image"):
+        hidden = hidden_for(sample.spans, modality, 2)
+        span = sample.spans.text if modality == "text" else sample.spans.image_positions
+        kept = [position for position in span if position not in hidden]
+        losses = []
+        for position in (None, hidden[0], kept[0]):
+            handle = None
+            if position is not None:  # perturb what the LLM receives (image positions hold the vision features)
+
+                def perturb(module, args, kwargs, position=position):
+                    embeds = kwargs["inputs_embeds"].clone()
+                    embeds[:, position] += 3.0
+                    return args, {**kwargs, "inputs_embeds": embeds}
+
+                handle = model.model.language_model.register_forward_pre_hook(perturb, with_kwargs=True)
+            with torch.no_grad():
+                logits = model(**masked_inputs(sample, hidden, torch.bool)).logits
+            losses.append(float(summed_cross_entropy(logits, sample.labels)))
+            if handle is not None:
+                handle.remove()
+        assert losses[1] == pytest.approx(losses[0], abs=1e-10), modality
+        assert abs(losses[2] - losses[0]) > 1e-6, modality
+
+
+@pytest.fixture(scope="module")
+def llava_sample(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
+    batch, tokenizer = llamafactory_batch(
+        tiny_models["llava"], "llava", cmkp_workspace, tmp_path_factory.mktemp("ablation"), size=1
+    )
+    model = load_model(tiny_models["llava"], "sdpa").float()
+    batch = {key: value.float() if key == "pixel_values" else value for key, value in batch.items()}
+    return model, BatchSplitter(model.config, tokenizer).split(batch, [0])[0]
+
+
+def run_visit(llava_sample, config: StepConfig, text_state: ModalityState, image_state: ModalityState, **span_changes):
+    model, sample = llava_sample
+    for name, value in span_changes.items():
+        setattr(sample.spans, name, value)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in parameters:
+        parameter.grad = None
+    state = CurriculumState(1, 1, ["x"])
+    state.set(0, "text", text_state)
+    state.set(0, "image", image_state)
+    outcome = reference_sample_step(model, parameters, sample, state, config, sample.num_answer_tokens, torch.bool)
+    return outcome, state
+
+
+def test_modalities_switch_masks_only_the_chosen_one(llava_sample) -> None:
+    config = StepConfig(modalities=["text"], thresholds={"text": -1.0, "image": -1.0})
+    outcome, state = run_visit(llava_sample, config, ModalityState(2), ModalityState(2))
+    assert [copy.modality for copy in outcome.copies] == ["text"]
+    assert state.get(0, "text") == ModalityState(4) and state.get(0, "image") == ModalityState(2)
+
+
+def test_filter_off_keeps_disagreeing_copies_and_never_freezes(llava_sample) -> None:
+    strict = {"text": 1.0, "image": 1.0}  # every copy disagrees with the filter on
+    outcome, state = run_visit(llava_sample, StepConfig(["text", "image"], strict), ModalityState(2), ModalityState(2))
+    assert [copy.kept for copy in outcome.copies] == [False, False]
+    assert state.get(0, "text") == ModalityState(2, frozen=True)
+    outcome, state = run_visit(
+        llava_sample, StepConfig(["text", "image"], strict, filtering=False), ModalityState(2), ModalityState(2)
+    )
+    assert [copy.kept for copy in outcome.copies] == [True, True]
+    assert state.get(0, "text") == ModalityState(4) and state.get(0, "image") == ModalityState(4)
+
+
+def test_progressive_off_keeps_the_stride_fixed(llava_sample) -> None:
+    config = StepConfig(["text", "image"], {"text": 1.0, "image": -1.0}, progressive=False)
+    outcome, state = run_visit(llava_sample, config, ModalityState(2), ModalityState(2))
+    assert {copy.modality: copy.stride for copy in outcome.copies} == {"text": 2, "image": 2}
+    assert state.get(0, "text") == ModalityState(2) and state.get(0, "image") == ModalityState(2)
+
+
+def test_sample_without_text_span_skips_that_modality(llava_sample) -> None:
+    model, sample = llava_sample
+    text = sample.spans.text
+    try:
+        config = StepConfig(["text", "image"], {"text": -1.0, "image": -1.0})
+        outcome, state = run_visit(llava_sample, config, ModalityState(2), ModalityState(2), text=[])
+        assert [copy.modality for copy in outcome.copies] == ["image"]
+        assert state.get(0, "text") == ModalityState(2)  # untouched
+    finally:
+        sample.spans.text = text
+
+
+def test_nan_cosine_is_logged_once_and_counts_as_disagreement(caplog) -> None:
+    from aimkp_plugin.config import AimkpArguments
+    from aimkp_plugin.integration.callback import AimkpCallback
+    from aimkp_plugin.method.step import CopyOutcome, SampleOutcome
+
+    callback = AimkpCallback(AimkpArguments(aimkp=True), ["a", "b"])
+    for index in (0, 1):
+        callback.record([SampleOutcome(index, 3, 1.0, [CopyOutcome("image", 2, math.nan, False)])])
+    warnings = [record for record in caplog.records if "zero or non-finite gradient" in record.getMessage()]
+    assert len(warnings) == 1
+    metrics = callback.log_metrics()
+    assert metrics["aimkp_image_keep_rate"] == 0.0 and metrics["aimkp_image_copies"] == 2

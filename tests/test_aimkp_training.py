@@ -1,0 +1,150 @@
+"""``llamafactory-cli train`` with ``aimkp: true`` on the tiny models: the curriculum file, logged metrics, the plot,
+resume, gradient accumulation against one big batch, and two-process DDP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aimkp_plugin.integration.callback import PLOT_FILE
+from aimkp_plugin.method.state import STATE_FILE
+
+from .conftest import tiny_train_config
+
+
+FAMILY_TEMPLATES = {"llava": "llava", "qwen2vl": "qwen2_vl"}
+LOGGED_KEYS = {
+    f"aimkp_{modality}_{name}"
+    for modality in ("text", "image")
+    for name in ("mean_stride", "frozen_fraction", "keep_rate", "mean_cosine")
+}
+
+
+def aimkp_config(model: Path, template: str, workspace: Path, out: Path, **overrides) -> dict:
+    settings = {
+        "aimkp": True,
+        "max_samples": 8,
+        "num_train_epochs": 3,
+        "per_device_train_batch_size": 2,
+        "logging_steps": 2,
+        "save_strategy": "epoch",
+    }
+    settings.update(overrides)
+    config = tiny_train_config(model, template, workspace, out, **settings)
+    config.pop("max_steps")
+    return config
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def is_power_of_two(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TEMPLATES))
+def test_three_epochs_with_aimkp(
+    family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    out = tmp_path / "out"
+    config = aimkp_config(tiny_models[family], FAMILY_TEMPLATES[family], cmkp_workspace, out, dataloader_num_workers=2)
+    result = llamafactory_runner(config)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "AimKP curriculum: text mean stride" in result.stdout
+
+    after_epoch_one = read_state(out / "checkpoint-4")
+    assert after_epoch_one["num_samples"] == 8
+    for modality in ("text", "image"):  # the workers never see the state: the main process updated every sample
+        strides, frozen = after_epoch_one[f"{modality}_stride"], after_epoch_one[f"{modality}_frozen"]
+        assert all(stride >= 2 for stride, is_frozen in zip(strides, frozen, strict=True) if not is_frozen)
+    final = read_state(out)
+    for modality in ("text", "image"):
+        assert all(is_power_of_two(stride) for stride in final[f"{modality}_stride"])
+        assert all(stride >= 2 for stride in final[f"{modality}_stride"])
+    assert final == read_state(out / "checkpoint-12")
+
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert logged and all(LOGGED_KEYS <= set(entry) for entry in logged)
+    assert sum(entry["aimkp_text_copies"] for entry in logged) > 0  # masked copies were made and compared
+    assert (out / PLOT_FILE).stat().st_size > 1000
+
+
+def test_resume_gives_the_uninterrupted_result(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    full = tmp_path / "full"
+    config = aimkp_config(tiny_models["llava"], "llava", cmkp_workspace, full, aimkp_init_stride=2)
+    assert llamafactory_runner(config).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-8", resumed / "checkpoint-8")  # as if the run had stopped after epoch 2
+    config = aimkp_config(
+        tiny_models["llava"], "llava", cmkp_workspace, resumed, aimkp_init_stride=2, overwrite_output_dir=False
+    )
+    result = llamafactory_runner(config, f"resume_from_checkpoint={resumed / 'checkpoint-8'}")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "restored the curriculum of 8/8 samples" in result.stdout
+    assert read_state(resumed) == read_state(full)
+    full_weights = load_file(full / "adapter_model.safetensors")
+    resumed_weights = load_file(resumed / "adapter_model.safetensors")
+    for name, tensor in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_equals_one_big_batch(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    outputs = {}
+    for name, batch, accumulation in (("big", 4, 1), ("accumulated", 2, 2), ("single", 1, 4)):
+        out = tmp_path / name
+        config = aimkp_config(
+            tiny_models["llava"],
+            "llava",
+            cmkp_workspace,
+            out,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            aimkp_init_stride=2,
+            num_train_epochs=1,
+            max_samples=4,
+            save_strategy="no",
+            logging_steps=1,
+        )
+        result = llamafactory_runner(config)
+        assert result.returncode == 0, result.stdout[-4000:]
+        outputs[name] = (load_file(out / "adapter_model.safetensors"), read_state(out))
+    reference_weights, reference_state = outputs["big"]
+    for name in ("accumulated", "single"):
+        weights, state = outputs[name]
+        assert state == reference_state
+        for key, tensor in reference_weights.items():
+            torch.testing.assert_close(weights[key], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_ddp_two_ranks_hold_the_same_state_as_one_process(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    single = tmp_path / "single"
+    config = aimkp_config(tiny_models["llava"], "llava", cmkp_workspace, single, save_strategy="no")
+    assert llamafactory_runner(config).returncode == 0
+
+    ddp = tmp_path / "ddp"
+    config = aimkp_config(
+        tiny_models["llava"], "llava", cmkp_workspace, ddp, save_strategy="no", per_device_train_batch_size=1
+    )
+    result = llamafactory_runner(config, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "curriculum state identical on all 2 ranks" in result.stdout
+    assert read_state(ddp) == read_state(single)
+    single_weights = load_file(single / "adapter_model.safetensors")
+    ddp_weights = load_file(ddp / "adapter_model.safetensors")
+    for name, tensor in single_weights.items():  # the same samples per step: the all-reduced update is the same
+        torch.testing.assert_close(ddp_weights[name], tensor, rtol=1e-4, atol=1e-6)
