@@ -18,11 +18,9 @@ from .conftest import tiny_train_config
 
 
 FAMILY_TEMPLATES = {"llava": "llava", "qwen2vl": "qwen2_vl"}
-LOGGED_KEYS = {
-    f"aimkp_{modality}_{name}"
-    for modality in ("text", "image")
-    for name in ("mean_stride", "frozen_fraction", "keep_rate", "mean_cosine")
-}
+MODALITIES = ("text", "image")
+ALWAYS_LOGGED = {f"aimkp_{m}_{name}" for m in MODALITIES for name in ("mean_stride", "frozen_fraction", "copies")}
+LOGGED_WITH_COPIES = {f"aimkp_{m}_{name}" for m in MODALITIES for name in ("keep_rate", "mean_cosine")}
 
 
 def aimkp_config(model: Path, template: str, workspace: Path, out: Path, **overrides) -> dict:
@@ -71,8 +69,9 @@ def test_three_epochs_with_aimkp(
 
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     logged = [entry for entry in history if "loss" in entry]
-    assert logged and all(LOGGED_KEYS <= set(entry) for entry in logged)
-    assert sum(entry["aimkp_text_copies"] for entry in logged) > 0  # masked copies were made and compared
+    assert logged and all(ALWAYS_LOGGED <= set(entry) for entry in logged)
+    with_copies = [entry for entry in logged if entry["aimkp_text_copies"] and entry["aimkp_image_copies"]]
+    assert with_copies and all(LOGGED_WITH_COPIES <= set(entry) for entry in with_copies)
     assert (out / PLOT_FILE).stat().st_size > 1000
 
 
@@ -148,3 +147,31 @@ def test_ddp_two_ranks_hold_the_same_state_as_one_process(
     ddp_weights = load_file(ddp / "adapter_model.safetensors")
     for name, tensor in single_weights.items():  # the same samples per step: the all-reduced update is the same
         torch.testing.assert_close(ddp_weights[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_run_with_strict_thresholds_freezes(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+) -> None:
+    """bf16 autocast on CPU; thresholds near 1 make copies disagree, so strides freeze at max(γ/2, 2)."""
+    out = tmp_path / "out"
+    config = aimkp_config(
+        tiny_models["llava"],
+        "llava",
+        cmkp_workspace,
+        out,
+        bf16=True,
+        use_cpu=True,
+        aimkp_text_threshold=0.99999,
+        aimkp_image_threshold=0.99999,
+        save_strategy="no",
+        logging_steps=1,
+    )
+    result = llamafactory_runner(config)
+    assert result.returncode == 0, result.stdout[-4000:]
+    final = read_state(out)
+    for modality in MODALITIES:
+        assert all(final[f"{modality}_frozen"]) and set(final[f"{modality}_stride"]) == {2}
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    rates = [entry["aimkp_text_keep_rate"] for entry in history if "aimkp_text_keep_rate" in entry]
+    cosines = [entry["aimkp_text_mean_cosine"] for entry in history if "aimkp_text_mean_cosine" in entry]
+    assert rates and max(rates) < 1.0 and all(0.0 < cosine < 1.0 for cosine in cosines)

@@ -88,9 +88,11 @@ class AimkpCallback(TrainerCallback):
         for modality in MODALITY_INDEX:
             copies, cosines = total[f"{modality}_copies"], total[f"{modality}_cosines"]
             prefix = f"{METRIC_PREFIX}{modality}"
-            metrics[f"{prefix}_keep_rate"] = round(total[f"{modality}_kept"] / copies, 4) if copies else 0.0
-            metrics[f"{prefix}_mean_cosine"] = round(total[f"{modality}_cosine_sum"] / cosines, 4) if cosines else 0.0
             metrics[f"{prefix}_copies"] = int(copies)
+            if copies:  # keep rate and cosine are undefined while no copy was made (e.g. the first epoch)
+                metrics[f"{prefix}_keep_rate"] = round(total[f"{modality}_kept"] / copies, 4)
+            if cosines:
+                metrics[f"{prefix}_mean_cosine"] = round(total[f"{modality}_cosine_sum"] / cosines, 4)
         return metrics
 
     def remember(self, step: int, metrics: dict[str, float]) -> None:
@@ -146,14 +148,18 @@ class AimkpCallback(TrainerCallback):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         steps = [entry["step"] for entry in self.history]
         figure, (strides, keeps) = plt.subplots(1, 2, figsize=(10, 4))
-        for modality in self.arguments.aimkp_modalities:
+        for modality, style in zip(self.arguments.aimkp_modalities, ("-", "--"), strict=False):
             prefix = f"{METRIC_PREFIX}{modality}"
-            strides.plot(steps, [entry[f"{prefix}_mean_stride"] for entry in self.history], label=modality)
-            keeps.plot(steps, [entry[f"{prefix}_keep_rate"] for entry in self.history], label=modality)
-        strides.set(title="mean masking stride", xlabel="step", ylabel="stride")
+            strides.plot(steps, [entry[f"{prefix}_mean_stride"] for entry in self.history], style, label=modality)
+            rates = [entry.get(f"{prefix}_keep_rate", math.nan) for entry in self.history]
+            keeps.plot(steps, rates, style, marker=".", label=modality)
+        strides.set(title="mean masking stride", xlabel="step", ylabel="stride (log scale)", ylim=(0.9, None))
+        strides.set_yscale("log", base=2)
+        strides.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         keeps.set(title="masked copies kept", xlabel="step", ylabel="fraction", ylim=(-0.05, 1.05))
         strides.legend()
         keeps.legend()
