@@ -42,6 +42,14 @@ def read_state(folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
+def assert_same_adapter(first: Path, second: Path, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    first_weights = load_file(first / "adapter_model.safetensors")
+    second_weights = load_file(second / "adapter_model.safetensors")
+    assert first_weights.keys() == second_weights.keys()
+    for name, tensor in first_weights.items():
+        torch.testing.assert_close(second_weights[name], tensor, rtol=rtol, atol=atol)
+
+
 def is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
@@ -92,16 +100,12 @@ def test_resume_gives_the_uninterrupted_result(
     assert result.returncode == 0, result.stdout[-4000:]
     assert "restored the curriculum of 8/8 samples" in result.stdout
     assert read_state(resumed) == read_state(full)
-    full_weights = load_file(full / "adapter_model.safetensors")
-    resumed_weights = load_file(resumed / "adapter_model.safetensors")
-    for name, tensor in full_weights.items():
-        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-7)
+    assert_same_adapter(full, resumed)
 
 
 def test_gradient_accumulation_equals_one_big_batch(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ):
-    outputs = {}
     for name, batch, accumulation in (("big", 4, 1), ("accumulated", 2, 2), ("single", 1, 4)):
         out = tmp_path / name
         config = aimkp_config(
@@ -119,13 +123,9 @@ def test_gradient_accumulation_equals_one_big_batch(
         )
         result = llamafactory_runner(config)
         assert result.returncode == 0, result.stdout[-4000:]
-        outputs[name] = (load_file(out / "adapter_model.safetensors"), read_state(out))
-    reference_weights, reference_state = outputs["big"]
     for name in ("accumulated", "single"):
-        weights, state = outputs[name]
-        assert state == reference_state
-        for key, tensor in reference_weights.items():
-            torch.testing.assert_close(weights[key], tensor, rtol=1e-5, atol=1e-7)
+        assert read_state(tmp_path / name) == read_state(tmp_path / "big")
+        assert_same_adapter(tmp_path / "big", tmp_path / name)
 
 
 def test_ddp_two_ranks_hold_the_same_state_as_one_process(
@@ -143,10 +143,7 @@ def test_ddp_two_ranks_hold_the_same_state_as_one_process(
     assert result.returncode == 0, result.stdout[-4000:]
     assert "curriculum state identical on all 2 ranks" in result.stdout
     assert read_state(ddp) == read_state(single)
-    single_weights = load_file(single / "adapter_model.safetensors")
-    ddp_weights = load_file(ddp / "adapter_model.safetensors")
-    for name, tensor in single_weights.items():  # the same samples per step: the all-reduced update is the same
-        torch.testing.assert_close(ddp_weights[name], tensor, rtol=1e-4, atol=1e-6)
+    assert_same_adapter(single, ddp, rtol=1e-4, atol=1e-6)  # the same samples per step, all-reduced
 
 
 def test_bf16_run_with_strict_thresholds_freezes(
