@@ -211,7 +211,22 @@ def argv_value(argv: list[str], name: str) -> Any:
     return None
 
 
-SETUP_KEYS = ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
+# Options whose effect the AimKP step would bypass or break: (key, why). The step computes its own plain
+# cross-entropy, writes .grad itself and needs prompt tokens without loss.
+UNSUPPORTED_OPTIONS = (
+    ("fp16", "its loss scaling does not reach the gradients the step writes; use bf16 or float32"),
+    ("train_on_prompt", "prompt tokens must carry no loss (the spans are found before the first answer token)"),
+    ("use_dft_loss", "the step uses the plain cross-entropy of the spec"),
+    ("use_eaft_loss", "the step uses the plain cross-entropy of the spec"),
+    ("use_asft_loss", "the step uses the plain cross-entropy of the spec"),
+    ("galore_layerwise", "layer-wise optimizer steps would run inside each copy's backward pass"),
+    ("apollo_layerwise", "layer-wise optimizer steps would run inside each copy's backward pass"),
+)
+SETUP_KEYS = (
+    ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
+    + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
+    + ("label_smoothing_factor",)
+)
 SUPPORTED_ENGINES = "single process, or DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs)"
 
 
@@ -237,6 +252,15 @@ def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
             raise AimkpConfigError(
                 f"aimkp: true does not support {name} yet; supported engines: {SUPPORTED_ENGINES}. Remove {name}."
             )
+    for name, why in UNSUPPORTED_OPTIONS:
+        value = setup.get(name)
+        if value is not None and _to_bool(name, value):
+            raise AimkpConfigError(f"aimkp: true cannot be combined with {name}: true ({why}). Set {name}: false.")
+    if float(setup.get("label_smoothing_factor") or 0) != 0:
+        raise AimkpConfigError(
+            "aimkp: true cannot be combined with label_smoothing_factor (the step uses the plain cross-entropy of "
+            "the spec). Set label_smoothing_factor: 0."
+        )
     if str(setup.get("flash_attn") or "auto") == "fa2":
         raise AimkpConfigError(
             "aimkp: true masks tokens with a custom attention mask, which flash_attn: fa2 cannot take. "

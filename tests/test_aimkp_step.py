@@ -289,3 +289,11 @@ def test_nan_cosine_is_logged_once_and_counts_as_disagreement(caplog) -> None:
     assert len(warnings) == 1
     metrics = callback.log_metrics()
     assert metrics["aimkp_image_keep_rate"] == 0.0 and metrics["aimkp_image_copies"] == 2
+
+
+def test_resume_from_a_checkpoint_without_state_fails_clearly(tmp_path: Path) -> None:
+    from aimkp_plugin.config import AimkpArguments
+    from aimkp_plugin.integration.callback import AimkpCallback
+
+    with pytest.raises(FileNotFoundError, match="has no aimkp_state.json"):
+        AimkpCallback(AimkpArguments(aimkp=True), ["a"]).restore(str(tmp_path))

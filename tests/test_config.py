@@ -108,6 +108,11 @@ def test_boolean_rejects_other_values() -> None:
         ({"fsdp": "full_shard"}, "does not support fsdp yet"),
         ({"streaming": True}, "streaming: true"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2"),
+        ({"fp16": True}, "fp16: true .its loss scaling"),
+        ({"train_on_prompt": True}, "train_on_prompt: true"),
+        ({"use_dft_loss": True}, "use_dft_loss: true"),
+        ({"galore_layerwise": "true"}, "galore_layerwise: true"),
+        ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
     ],
 )
 def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) -> None:

@@ -142,6 +142,19 @@ def test_cosine_of_bf16_gradients_is_computed_in_float32() -> None:
 # ---------------------------------------------------------------- state file
 
 
+def test_a_second_visit_in_the_same_epoch_does_not_move_the_curriculum(tmp_path) -> None:
+    state = CurriculumState(2, 1)
+    assert state.first_visit(0, epoch=0) and not state.first_visit(0, epoch=0)
+    assert state.first_visit(0, epoch=1)
+    other = CurriculumState(2, 1)
+    other.apply([], visits=[(1, 3)])
+    assert not other.first_visit(1, epoch=3) and other.first_visit(1, epoch=4)
+    state.save(tmp_path)
+    restored = CurriculumState(2, 1)
+    restored.load_matching(tmp_path / "aimkp_state.json")
+    assert restored.last_epoch.tolist() == [1, -1]
+
+
 def test_state_round_trip_and_matching_by_fingerprint(tmp_path) -> None:
     state = CurriculumState(3, init_stride=1, fingerprints=["a", "b", "c"])
     state.set(1, "text", ModalityState(4))
@@ -183,6 +196,13 @@ def test_spans_without_instruction_run_to_the_answer() -> None:
     ids = [9, 9, 7, 8, 60]
     spans = find_spans(ids, [-100, -100, -100, -100, 60], 9, None, set(), [[40]], set().__contains__)
     assert spans.text == [2, 3] and not spans.instruction_found and spans.images[0].grid is None
+
+
+def test_spans_without_instruction_stop_at_the_template_special_token() -> None:
+    pad, end, im_end = 99, 98, 90
+    ids = [1, pad, end, 7, 8, im_end, 5, 60]
+    spans = find_spans(ids, [-100] * 7 + [60], pad, None, {end, im_end}, [[40]], set().__contains__)
+    assert spans.text == [3, 4] and not spans.instruction_found
 
 
 def test_spans_without_image_have_no_text_anchor() -> None:

@@ -6,7 +6,8 @@
   1-D stride over their tokens (the documented fallback).
 - Text: the tokens after the last image token (and the special tokens closing the image) up to the instruction,
   found by its token ids; trailing whitespace-only tokens (the newline before the instruction) are left out. If the
-  instruction cannot be found, the span runs to the first answer token (and the caller is told). A sample
+  instruction cannot be found, the span runs to the next special token or the first answer token (and the
+  caller is told). A sample
   without image tokens has no anchor, so its text span is empty (neither modality is masked for it).
 
 Pure Python / torch; nothing here imports LLaMA-Factory.
@@ -75,7 +76,8 @@ def find_spans(
     """Locate the text and image spans of one unpadded sample.
 
     ``grids`` gives one grid per image block (None entries, or None for all, mean the 1-D fallback);
-    ``skip_after_image`` are token ids that close an image (e.g. ``<|vision_end|>``); ``instructions`` are the
+    ``skip_after_image`` are special token ids (e.g. ``<|vision_end|>`` closing the image, ``<|im_end|>`` closing
+    the user turn); ``instructions`` are the
     candidate token-id sequences of the instruction, tried in order; ``is_whitespace`` tells whether a token decodes
     to whitespace only.
     """
@@ -100,6 +102,8 @@ def find_spans(
         if index >= 0:
             end, found = index, True
             break
+    if not found:  # at least stop before the chat template's closing special token, if it has one
+        end = next((index for index in range(start, answer_start) if ids[index] in skip_after_image), answer_start)
     while end > start and is_whitespace(ids[end - 1]):
         end -= 1
     return ModalitySpans(text=list(range(start, end)), images=images, instruction_found=found)

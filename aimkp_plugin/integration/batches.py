@@ -70,6 +70,7 @@ class BatchSplitter:
         }
         self.special_ids.discard(self.image_token_id)
         self.warned_instruction = False
+        self.warned_grid = False
         self.instructions = self.instruction_patterns()
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one splitter per training run
@@ -90,16 +91,22 @@ class BatchSplitter:
         return patterns
 
     def grids(self, count: int, block_sizes: list[int], image_grid_thw: torch.Tensor | None) -> list:
+        grids: list = [None] * count
         if self.grid_kind == "square":
-            return [square_grid(size) for size in block_sizes]
-        if self.grid_kind == "thw" and image_grid_thw is not None:
+            grids = [square_grid(size) for size in block_sizes]
+        elif self.grid_kind == "thw" and image_grid_thw is not None:
             grids = []
             for row, size in zip(image_grid_thw.tolist(), block_sizes, strict=True):
                 time, height, width = row
                 grid = (height // self.merge, width // self.merge)
                 grids.append(grid if time == 1 and grid[0] * grid[1] == size else None)
-            return grids
-        return [None] * count
+        if self.grid_kind is not None and None in grids and not self.warned_grid:
+            self.warned_grid = True
+            logger.warning(
+                f"aimkp-plugin: an image of model_type {self.model_type} does not form the expected grid "
+                f"({block_sizes} tokens); its copies use the 1-D fallback (every γ-th image token). Warned once."
+            )
+        return grids
 
     def spans(self, ids: list[int], labels: list[int], image_grid_thw: torch.Tensor | None) -> ModalitySpans:
         answer_start = next((index for index, label in enumerate(labels) if label != -100), len(ids))

@@ -41,6 +41,7 @@ class AimkpCallback(TrainerCallback):
         self.arguments = arguments
         self.state = CurriculumState(len(fingerprints), arguments.aimkp_init_stride, fingerprints)
         self.pending: list[tuple[int, str, ModalityState]] = []
+        self.pending_visits: list[tuple[int, int]] = []
         self.window: dict[str, float] = defaultdict(float)
         self.history: list[dict[str, float]] = []
         self.warned_nan = False
@@ -51,6 +52,8 @@ class AimkpCallback(TrainerCallback):
         """Count copies, keeps and cosines since the last log; queue the state updates for synchronisation."""
         for outcome in outcomes:
             self.pending += outcome.updates
+            if outcome.visit is not None:
+                self.pending_visits.append(outcome.visit)
             for copy in outcome.copies:
                 self.window[f"{copy.modality}_copies"] += 1
                 self.window[f"{copy.modality}_kept"] += float(copy.kept)
@@ -69,11 +72,11 @@ class AimkpCallback(TrainerCallback):
         """Give every rank the updates every other rank made since the last call (a no-op on one process)."""
         if distributed():
             gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.pending)
-            for rank, updates in enumerate(gathered):
+            dist.all_gather_object(gathered, (self.pending, self.pending_visits))
+            for rank, (updates, visits) in enumerate(gathered):
                 if rank != dist.get_rank():
-                    self.state.apply(updates)
-        self.pending = []
+                    self.state.apply(updates, visits)
+        self.pending, self.pending_visits = [], []
 
     def log_metrics(self) -> dict[str, float]:
         """Metrics since the last log, summed over ranks (a collective call when distributed); resets the window."""
@@ -103,11 +106,11 @@ class AimkpCallback(TrainerCallback):
     def restore(self, checkpoint_dir: str) -> None:
         path = os.path.join(checkpoint_dir, STATE_FILE)
         if not os.path.isfile(path):
-            logger.warning(
-                f"aimkp-plugin: {checkpoint_dir} has no {STATE_FILE}; the curriculum restarts from stride "
-                f"{self.arguments.aimkp_init_stride} for every sample."
+            raise FileNotFoundError(
+                f"aimkp-plugin: cannot resume the AimKP curriculum: {checkpoint_dir} has no {STATE_FILE} (was it "
+                "written by a run without aimkp: true?). Resume from a checkpoint of an AimKP run, or start a new run "
+                "without resume_from_checkpoint."
             )
-            return
         restored = self.state.load_matching(path)
         logger.info(f"aimkp-plugin: restored the curriculum of {restored}/{len(self.state)} samples from {path}.")
 

@@ -63,9 +63,17 @@ class IndexPassingCollator:
         return getattr(self.collator, name)
 
 
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
 def mask_dtype_for(model: Any, compute_dtype: torch.dtype) -> torch.dtype:
-    """Boolean masks for SDPA, additive float masks for eager attention."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    """Boolean masks for SDPA, additive float masks for eager attention; other kernels cannot take the mask."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"aimkp: true needs attention that takes a custom mask ({', '.join(SUPPORTED_ATTENTION)}); the model "
+            f"runs {implementation}. Set flash_attn: sdpa."
+        )
     return torch.bool if implementation == "sdpa" else compute_dtype
 
 
@@ -94,6 +102,8 @@ def make_aimkp_trainer_class(base: type) -> type:
                     progressive=self.aimkp.aimkp_progressive,
                 )
                 self.aimkp_step_tokens = 0.0
+                compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float32
+                self.aimkp_mask_dtype = mask_dtype_for(self.accelerator.unwrap_model(self.model), compute_dtype)
 
         def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
             if self.aimkp_callback is not None and resume_from_checkpoint:
@@ -117,24 +127,36 @@ def make_aimkp_trainer_class(base: type) -> type:
             return batch_samples, num_items
 
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-            if self.aimkp_callback is None or INDEX_COLUMN not in inputs:
-                inputs.pop(INDEX_COLUMN, None)
+            if self.aimkp_callback is None:
                 return super().training_step(model, inputs, num_items_in_batch)
+            if INDEX_COLUMN not in inputs:
+                raise RuntimeError(
+                    "aimkp-plugin: a training batch arrived without sample indices; the data collator was replaced "
+                    "after the AimKP trainer was built. AimKP cannot run without them."
+                )
             indices = inputs.pop(INDEX_COLUMN).tolist()
             model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()  # schedule-free optimizers, as in Trainer.training_step
             inputs = self._prepare_inputs(inputs)
             core = self.accelerator.unwrap_model(model)
             parameters = [parameter for parameter in core.parameters() if parameter.requires_grad]
-            compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
-            mask_dtype = mask_dtype_for(core, compute_dtype)
             total = max(self.aimkp_step_tokens, 1.0)
+            epoch = int(self.state.epoch or 0)
             outcomes = []
             sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
             with sync:
                 for sample in self.aimkp_splitter.split(inputs, indices):
                     outcomes.append(
                         reference_sample_step(
-                            core, parameters, sample, self.aimkp_callback.state, self.aimkp_config, total, mask_dtype
+                            core,
+                            parameters,
+                            sample,
+                            self.aimkp_callback.state,
+                            self.aimkp_config,
+                            total,
+                            self.aimkp_mask_dtype,
+                            epoch,
                         )
                     )
             self.aimkp_callback.record(outcomes)

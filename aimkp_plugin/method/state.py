@@ -63,6 +63,7 @@ class CurriculumState:
         self.stride = torch.full((num_samples, 2), init_stride, dtype=torch.long)
         self.frozen = torch.zeros((num_samples, 2), dtype=torch.bool)
         self.fingerprints = list(fingerprints) if fingerprints is not None else [""] * num_samples
+        self.last_epoch = torch.full((num_samples,), -1, dtype=torch.long)  # epoch of each sample's last visit
 
     def __len__(self) -> int:
         return self.stride.shape[0]
@@ -76,9 +77,23 @@ class CurriculumState:
         self.stride[index, column] = state.stride
         self.frozen[index, column] = state.frozen
 
-    def apply(self, updates: list[tuple[int, str, ModalityState]]) -> None:
+    def apply(self, updates: list[tuple[int, str, ModalityState]], visits: list[tuple[int, int]] = ()) -> None:
+        """Apply stride updates and ``(index, epoch)`` visits made elsewhere (another rank)."""
         for index, modality, state in updates:
             self.set(index, modality, state)
+        for index, epoch in visits:
+            self.last_epoch[index] = max(int(self.last_epoch[index]), epoch)
+
+    def first_visit(self, index: int, epoch: int) -> bool:
+        """Record a visit; False when the sample was already visited in this epoch.
+
+        A distributed sampler may repeat samples to give every rank an equal share of the last step; such a repeat
+        trains as usual but does not move the curriculum a second time in the same epoch.
+        """
+        if int(self.last_epoch[index]) >= epoch:
+            return False
+        self.last_epoch[index] = epoch
+        return True
 
     def summary(self) -> dict[str, float]:
         """Mean stride and fraction frozen per modality."""
@@ -104,6 +119,7 @@ class CurriculumState:
             "text_frozen": self.frozen[:, 0].tolist(),
             "image_stride": self.stride[:, 1].tolist(),
             "image_frozen": self.frozen[:, 1].tolist(),
+            "last_epoch": self.last_epoch.tolist(),
         }
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -123,20 +139,21 @@ class CurriculumState:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if data.get("format") != STATE_FORMAT or data.get("version") != STATE_VERSION:
             raise StateMismatchError(f"{path}: not an {STATE_FORMAT} v{STATE_VERSION} file.")
-        saved = list(
-            zip(data["text_stride"], data["text_frozen"], data["image_stride"], data["image_frozen"], strict=True)
-        )
+        columns = ("text_stride", "text_frozen", "image_stride", "image_frozen")
+        last_epoch = data.get("last_epoch", [-1] * len(data["text_stride"]))
+        saved = list(zip(*(data[column] for column in columns), last_epoch, strict=True))
         if data["fingerprint"] == self.fingerprints:
             targets = list(range(len(saved)))
         else:
             position = {fingerprint: index for index, fingerprint in enumerate(self.fingerprints)}
             targets = [position.get(fingerprint, -1) for fingerprint in data["fingerprint"]]
         restored = 0
-        for target, (text_stride, text_frozen, image_stride, image_frozen) in zip(targets, saved, strict=True):
+        for target, (text_stride, text_frozen, image_stride, image_frozen, epoch) in zip(targets, saved, strict=True):
             if target < 0:
                 continue
             self.stride[target] = torch.tensor([text_stride, image_stride])
             self.frozen[target] = torch.tensor([text_frozen, image_frozen])
+            self.last_epoch[target] = epoch
             restored += 1
         if restored == 0 and len(self):
             raise StateMismatchError(

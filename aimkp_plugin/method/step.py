@@ -67,6 +67,7 @@ class SampleOutcome:
     original_loss_sum: float
     copies: list[CopyOutcome] = field(default_factory=list)
     updates: list[tuple[int, str, ModalityState]] = field(default_factory=list)
+    visit: tuple[int, int] | None = None  # (index, epoch) when this visit moved the curriculum
 
 
 def hidden_for(spans: ModalitySpans, modality: str, stride: int) -> list[int]:
@@ -148,8 +149,12 @@ def reference_sample_step(
     config: StepConfig,
     total_answer_tokens: float,
     mask_dtype: torch.dtype,
+    epoch: int = 0,
 ) -> SampleOutcome:
-    """Run one visit of one sample: gradients into ``.grad``, the state updated, the outcome returned."""
+    """Run one visit of one sample: gradients into ``.grad``, the state updated, the outcome returned.
+
+    A second visit within the same ``epoch`` (a distributed sampler's padding) trains but leaves the state alone.
+    """
     n_tokens = sample.num_answer_tokens
     outcome = SampleOutcome(sample.index, n_tokens, 0.0)
     variants: list[tuple[str, int, list[int]]] = [(ORIGINAL, 1, [])]
@@ -180,6 +185,9 @@ def reference_sample_step(
     for name in kept:
         _add_into_grad(parameters, gradients[name], n_tokens * variant_weight(len(kept)) / total_answer_tokens)
 
+    if not state.first_visit(sample.index, epoch):
+        return outcome
+    outcome.visit = (sample.index, epoch)
     for modality in config.modalities:
         if not span_present(sample.spans, modality):
             continue  # the modality is skipped for this sample
