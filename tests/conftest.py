@@ -58,7 +58,7 @@ def cmkp_data() -> Path:
 def tiny_models() -> dict[str, Path]:
     from aimkp_plugin.models.tiny import build_tiny_models
 
-    return build_tiny_models(TINY_DIR, ["llava", "qwen2vl"])
+    return build_tiny_models(TINY_DIR, ["llava", "qwen2vl", "qwen2_5vl"])
 
 
 @pytest.fixture(scope="session")

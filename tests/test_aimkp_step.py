@@ -23,7 +23,7 @@ from aimkp_plugin.method.step import StepConfig, reference_sample_step
 from .conftest import tiny_train_config
 
 
-FAMILIES = {"llava": ("llava", 2), "qwen2vl": ("qwen2_vl", 2)}
+FAMILIES = {"llava": ("llava", 2), "qwen2vl": ("qwen2_vl", 2), "qwen2_5vl": ("qwen2_vl", 2)}
 STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with text 3; text off, image 8
     (ModalityState(2), ModalityState(2)),
     (ModalityState(3), ModalityState(4, frozen=True)),
