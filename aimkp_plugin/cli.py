@@ -34,6 +34,27 @@ def _data_demo(options: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(options: argparse.Namespace) -> int:
+    from .evaluation.metrics import METRIC_KEYS, STYLES, score
+    from .evaluation.predictions import PredictionFormatError, read_pairs
+
+    try:
+        pairs = read_pairs(options.predictions)
+    except (PredictionFormatError, OSError) as err:
+        print(f"aimkp eval: {err}", file=sys.stderr)
+        return 2
+    styles = STYLES if options.style == "both" else (options.style,)
+    results = {style: score(pairs, style) for style in styles}
+    if options.json:
+        print(json.dumps(results if len(styles) > 1 else results[styles[0]], indent=2))
+        return 0
+    print(f"{options.predictions}: {len(pairs)} predictions")
+    print(f"{'metric':<8}" + "".join(f"{style + ' style':>14}" for style in styles))
+    for key in METRIC_KEYS:
+        print(f"{key.upper():<8}" + "".join(f"{results[style][key]:>14.2f}" for style in styles))
+    return 0
+
+
 def _doctor(options: argparse.Namespace) -> int:
     """Report whether the ``.pth`` activation is installed and the patches apply in a fresh LLaMA-Factory import."""
     from . import __version__
@@ -77,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = data.add_parser("demo", help="The demo CMKP dataset: real tiny CMKP records plus generated images.")
     demo.add_argument("--out", required=True, help="Folder for the splits, images and dataset_info.json.")
     demo.set_defaults(run=_data_demo)
+
+    evaluate = commands.add_parser("eval", help="Score keyphrase predictions: F1@1, F1@3, MAP@5 in percent.")
+    evaluate.add_argument(
+        "predictions", help="generated_predictions.jsonl, or a text file of gold<sep>prediction lines."
+    )
+    evaluate.add_argument(
+        "--style",
+        choices=["aimkp", "cmkp", "both"],
+        default="aimkp",
+        help="aimkp: the AimKP authors' metrics (the paper's); cmkp: the CMKP / MM-MKP evaluator's; both.",
+    )
+    evaluate.add_argument("--json", action="store_true", help="Print JSON (keys f1@1, f1@3, map@5, n).")
+    evaluate.set_defaults(run=_eval)
 
     doctor = commands.add_parser("doctor", help="Check that the plugin activates inside LLaMA-Factory.")
     doctor.set_defaults(run=_doctor)

@@ -1,0 +1,135 @@
+"""Keyphrase metrics in both styles on hand-computed cases, and ``aimkp eval`` on real files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aimkp_plugin.evaluation.metrics import aimkp_sample, cmkp_sample, score, split_prediction
+from aimkp_plugin.evaluation.predictions import PredictionFormatError, read_pairs
+
+from .conftest import subprocess_env
+
+
+def pair(gold: str, prediction: str) -> tuple[list[str], list[str]]:
+    return [phrase.strip() for phrase in gold.split(",")], split_prediction(prediction)
+
+
+# Each case: gold, prediction, aimkp (F1@1, F1@3, MAP@5), cmkp (P@1, R@1, P@3, R@3, AP@5), computed by hand.
+CASES = {
+    # "Dog House" is not lower-cased in the aimkp style, so it misses "dog house"; cmkp lower-cases it.
+    "case": (
+        "cats, dog house",
+        "cat, Dog House, bird",
+        (2 / 3, 0.4, (1 + 1 / 2 + 1 / 3) / 3),
+        (1, 1 / 2, 2 / 3, 1, 1),
+    ),
+    # duplicates after stemming: aimkp keeps both ranks, cmkp deduplicates
+    "duplicates": ("dog", "cat, cats, dog", (0, 0.5, (0 + 0 + 1 / 3) / 3), (0, 0, 1 / 2, 1, 1 / 2)),
+    # fewer than k predictions: aimkp divides by k, cmkp by the number predicted
+    "fewer_than_k": ("dog, cat", "dog", (2 / 3, 0.4, 1.0), (1, 1 / 2, 1, 1 / 2, 1 / 2)),
+    # an empty prediction scores 0 in both
+    "empty": ("dog", "", (0, 0, 0), (0, 0, 0, 0, 0)),
+    # stemming collision in gold: both phrases stem to "run shoe", one gold phrase is left
+    "stem_collision": ("running shoes, run shoe", "run shoe", (1.0, 0.5, 1.0), (1, 1, 1, 1, 1)),
+    # junk: cmkp drops a "." prediction; aimkp keeps it at rank 1
+    "junk": ("cat", "., cat", (0, 0.5, (0 + 1 / 2) / 2), (1, 1, 1, 1, 1)),
+    # empty pieces keep their rank in the aimkp style
+    "empty_piece": ("b", "a, , b", (0, 0.5, (0 + 0 + 1 / 3) / 3), (0, 0, 1 / 3, 1, 1 / 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_per_sample_scores_match_hand_computation(name: str) -> None:
+    gold, prediction, aimkp, cmkp = CASES[name]
+    assert aimkp_sample(*pair(gold, prediction)) == pytest.approx(aimkp, abs=1e-12)
+    assert cmkp_sample(*pair(gold, prediction)) == pytest.approx(cmkp, abs=1e-12)
+
+
+def test_aimkp_averages_per_sample_f1_and_cmkp_takes_f1_of_macro_averages() -> None:
+    pairs = [pair("a", "a"), pair("b", "x")]  # P@1 = (1 + 0) / 2, R@1 = (1 + 0) / 2
+    assert score(pairs, "aimkp")["f1@1"] == pytest.approx(50.0)  # mean of 1 and 0
+    assert score(pairs, "cmkp")["f1@1"] == pytest.approx(50.0)  # 2 * .5 * .5 / (.5 + .5)
+    pairs = [pair("a, b", "a"), pair("c", "c, d")]  # F1s differ from F1 of means here
+    aimkp = score(pairs, "aimkp")
+    assert aimkp["f1@1"] == pytest.approx(100 * ((2 * 1 * 0.5 / 1.5) + 1) / 2)
+    cmkp = score(pairs, "cmkp")
+    precision, recall = (1 + 1) / 2, (0.5 + 1) / 2
+    assert cmkp["f1@1"] == pytest.approx(100 * 2 * precision * recall / (precision + recall))
+    assert aimkp["n"] == cmkp["n"] == 2
+
+
+def test_readme_worked_example_diverges() -> None:
+    """The README's example: the same predictions, different numbers."""
+    pairs = [pair("dog", "cat, cats, dog"), pair("human rights", "human right, rights")]
+    # aimkp: F1@3 = mean(0.5, 0.5); MAP@5 = mean((0 + 0 + 1/3) / 3, (1 + 1/2) / 2)
+    assert score(pairs, "aimkp") == pytest.approx({"f1@1": 50.0, "f1@3": 50.0, "map@5": 43.0555556, "n": 2})
+    # cmkp: dedup gives [cat, dog] and [human right, right]; P@3 = mean(1/2, 1/2), R@3 = 1; AP = mean(1/2, 1)
+    assert score(pairs, "cmkp") == pytest.approx({"f1@1": 50.0, "f1@3": 66.6666667, "map@5": 75.0, "n": 2})
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_reads_llamafactory_jsonl_and_plain_text(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "predict": "a, b", "label": "a\n"}, {"prompt": "p", "predict": "", "label": "c, d"}]
+    jsonl = write(tmp_path / "generated_predictions.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n\n")
+    assert read_pairs(jsonl) == [(["a"], ["a", "b"]), (["c", "d"], [""])]
+    text = write(tmp_path / "preds.txt", "human rights;un<sep>human rights, un\n")
+    assert read_pairs(text) == [(["human rights", "un"], ["human rights", "un"])]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"predict": "a", "label": "a"}\nnot json\n', "line 2: not valid JSON"),
+        ('{"predict": "a"}\n', "line 1: missing or non-string field(s) label"),
+        ('{"predict": "a", "label": "  "}\n', "line 1: empty gold keyphrases"),
+        ("[1, 2]\n", "line 1: expected a JSON object"),
+    ],
+)
+def test_bad_jsonl_lines_are_named(tmp_path: Path, content: str, message: str) -> None:
+    with pytest.raises(PredictionFormatError, match=re.escape(message)):
+        read_pairs(write(tmp_path / "p.jsonl", content))
+
+
+def test_text_line_without_separator_is_named(tmp_path: Path) -> None:
+    with pytest.raises(PredictionFormatError, match=r"p.txt, line 2: expected gold<sep>prediction"):
+        read_pairs(write(tmp_path / "p.txt", "a<sep>a\nno separator\n"))
+
+
+def run_eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["aimkp", "eval", *args], env=subprocess_env(), capture_output=True, text=True)
+
+
+def test_cli_prints_a_table_and_json(tmp_path: Path) -> None:
+    path = write(tmp_path / "generated_predictions.jsonl", json.dumps({"predict": "cat, dog", "label": "dog"}) + "\n")
+    table = run_eval(str(path), "--style", "both")
+    assert table.returncode == 0 and "aimkp style" in table.stdout and "cmkp style" in table.stdout
+    assert "F1@3" in table.stdout and "MAP@5" in table.stdout
+    result = json.loads(run_eval(str(path), "--json").stdout)
+    assert set(result) == {"f1@1", "f1@3", "map@5", "n"} and result["n"] == 1
+    assert result["f1@3"] == pytest.approx(100 * 2 * (1 / 3) * 1 / (1 / 3 + 1))
+
+
+def test_cli_reports_bad_input_with_line_number(tmp_path: Path) -> None:
+    result = run_eval(str(write(tmp_path / "p.jsonl", "{oops\n")))
+    assert result.returncode == 2 and "p.jsonl, line 1: not valid JSON" in result.stderr
+
+
+def test_scores_real_cmkp_gold_against_itself(cmkp_data: Path, tmp_path: Path) -> None:
+    """The real validation split scored against its own gold: every F1@1 hit, and a reference for both styles."""
+    lines = (cmkp_data / "raw" / "tw_mm_s1" / "valid_src.txt").read_text().splitlines()
+    golds = [line.split("<sep>")[1] for line in lines]
+    path = write(tmp_path / "self.txt", "\n".join(f"{gold}<sep>{gold.replace(';', ', ')}" for gold in golds) + "\n")
+    pairs = read_pairs(path, progress=False)
+    assert len(pairs) == 5370
+    for style in ("aimkp", "cmkp"):
+        result = score(pairs, style)
+        assert result["f1@1"] > 60 and result["map@5"] > 99.9, (style, result)
