@@ -14,6 +14,7 @@ from typing import Any
 KEY_PREFIX = "aimkp"
 MODALITIES = ("text", "image")
 IMPLEMENTATIONS = ("reference",)
+INPUT_SETTINGS = ("full", "text_only", "image_only")
 SUPPORTED_STAGES = ("sft",)
 THRESHOLD_RANGE = (-1.0, 1.0)
 TRUE_STRINGS = ("true", "1", "yes", "on")
@@ -72,6 +73,14 @@ class AimkpArguments:
             "sample and variant one at a time, exactly as the spec states it."
         },
     )
+    aimkp_input_setting: str = field(
+        default="full",
+        metadata={
+            "help": f"Which modalities cmkp prompts carry: one of {', '.join(INPUT_SETTINGS)}. text_only removes the "
+            "image and its placeholder; image_only removes the post text and keeps the instruction (the paper's "
+            "robustness protocol). Applies to every cmkp dataset of the run."
+        },
+    )
     aimkp_skip_bad_records: bool = field(
         default=False,
         metadata={
@@ -95,6 +104,9 @@ class AimkpArguments:
         if self.aimkp_init_stride < 1:
             raise AimkpConfigError(f"aimkp_init_stride must be an integer >= 1, got {self.aimkp_init_stride}.")
         self.aimkp_modalities = _to_modalities(self.aimkp_modalities)
+        if self.aimkp_input_setting not in INPUT_SETTINGS:
+            allowed = ", ".join(INPUT_SETTINGS)
+            raise AimkpConfigError(f"aimkp_input_setting must be one of: {allowed}; got {self.aimkp_input_setting!r}.")
         if self.aimkp_impl not in IMPLEMENTATIONS:
             allowed = ", ".join(IMPLEMENTATIONS)
             raise AimkpConfigError(f"aimkp_impl must be one of: {allowed}; got {self.aimkp_impl!r}.")

@@ -133,3 +133,59 @@ def test_scores_real_cmkp_gold_against_itself(cmkp_data: Path, tmp_path: Path) -
     for style in ("aimkp", "cmkp"):
         result = score(pairs, style)
         assert result["f1@1"] > 60 and result["map@5"] > 99.9, (style, result)
+
+
+# ---------------------------------------------------------------- the three input settings
+
+
+@pytest.mark.parametrize("setting", ["full", "text_only", "image_only"])
+def test_input_setting_shapes_the_prompt(setting: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
+    from aimkp_plugin.data.cmkp import DEFAULT_INSTRUCTION, iter_records
+
+    from .test_cmkp_format import load_through_llamafactory
+
+    train, tokenizer = load_through_llamafactory(
+        tiny_models["llava"], "llava", cmkp_workspace, "raw_test", tmp_path, aimkp_input_setting=setting
+    )
+    text = tokenizer.decode(train[0]["input_ids"])
+    post = next(iter_records(cmkp_workspace / "raw" / "test_src.txt"))[1]
+    assert text.count("<image>") == (0 if setting == "text_only" else 16)
+    assert (post.text in text) == (setting != "image_only")
+    assert DEFAULT_INSTRUCTION in text
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_predict_in_three_settings_and_score(family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
+    """The shipped predict recipes' setting key, on the tiny model: each setting predicts and scores."""
+    from .conftest import run_llamafactory
+
+    template = {"llava": "llava", "qwen2vl": "qwen2_vl"}[family]
+    for setting in ("full", "text_only", "image_only"):
+        out = tmp_path / setting
+        config = {
+            "model_name_or_path": str(tiny_models[family]),
+            "stage": "sft",
+            "do_predict": True,
+            "finetuning_type": "lora",
+            "eval_dataset": "raw_test",
+            "dataset_dir": str(cmkp_workspace),
+            "media_dir": str(cmkp_workspace / "images"),
+            "template": template,
+            "cutoff_len": 512,
+            "max_samples": 3,
+            "output_dir": str(out),
+            "overwrite_output_dir": True,
+            "per_device_eval_batch_size": 3,
+            "predict_with_generate": True,
+            "max_new_tokens": 8,
+            "report_to": "none",
+            "aimkp_input_setting": setting,
+        }
+        result = run_llamafactory(config, tmp_path / f"config_{setting}")
+        assert result.returncode == 0, result.stdout[-3000:]
+        rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").open()]
+        assert len(rows) == 3
+        image_marker = "<image>" if family == "llava" else "<|image_pad|>"
+        assert (image_marker in rows[0]["prompt"]) == (setting != "text_only")
+        scored = json.loads(run_eval(str(out / "generated_predictions.jsonl"), "--json").stdout)
+        assert scored["n"] == 3

@@ -21,6 +21,7 @@ def test_all_expected_recipes_exist() -> None:
     names = {path.relative_to(REPO / "recipes").as_posix() for path in RECIPES}
     for family in ("llava", "qwen2vl", "qwen2_5vl"):
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names
+        assert {f"predict_{family}_text_only.yaml", f"predict_{family}_image_only.yaml"} <= names
     assert {"demo/demo_llava_train.yaml", "demo/demo_llava_predict.yaml"} <= names
 
 
@@ -37,6 +38,9 @@ def test_recipe_parses_with_llamafactory(recipe: Path, tmp_path: Path) -> None:
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(read_args(config))
     assert finetuning_args.stage == "sft"
     expects_aimkp = recipe.name.startswith("aimkp_") or recipe.name == "demo_llava_train.yaml"
+    if recipe.name.startswith("predict_"):
+        setting = next((name for name in ("text_only", "image_only") if recipe.stem.endswith(name)), "full")
+        assert active_arguments().aimkp_input_setting == setting
     assert (active_arguments() is not None and active_arguments().aimkp) == expects_aimkp
     if recipe.name.startswith("aimkp_"):
         assert active_arguments().aimkp_text_threshold == 0.1 and active_arguments().aimkp_image_threshold == 0.4

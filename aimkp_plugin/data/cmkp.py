@@ -238,9 +238,14 @@ def describe_bad_records(bad: list[BadRecord], limit: int = MAX_LISTED_PROBLEMS)
     return f"{len(bad)} bad record(s):\n{shown}{more}"
 
 
-def build_prompt(text: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The user turn of the spec: ``<image>`` + post text + newline + instruction."""
-    return f"{IMAGE_PLACEHOLDER}{text}\n{instruction}"
+def build_prompt(text: str, instruction: str = DEFAULT_INSTRUCTION, setting: str = "full") -> str:
+    """The user turn of the spec: ``<image>`` + post text + newline + instruction.
+
+    ``text_only`` drops the image placeholder; ``image_only`` drops the post text (the instruction stays).
+    """
+    image = "" if setting == "text_only" else IMAGE_PLACEHOLDER
+    post = "" if setting == "image_only" else text
+    return f"{image}{post}\n{instruction}"
 
 
 def build_answer(keyphrases: Iterable[str]) -> str:

@@ -65,14 +65,21 @@ class CmkpDatasetOptions:
         return cls(**options)
 
 
+def input_setting() -> str:
+    """The run's ``aimkp_input_setting`` (full when the config has no aimkp keys)."""
+    arguments = active_arguments()
+    return arguments.aimkp_input_setting if arguments is not None else "full"
+
+
 def aligned_example(text: str, keyphrases: tuple[str, ...], image_path: str, instruction: str) -> dict[str, Any]:
     """One post in LLaMA-Factory's aligned format (``_prompt``, ``_response``, ``_images``, ...)."""
+    setting = input_setting()
     return {
-        "_prompt": [{"role": "user", "content": build_prompt(text, instruction)}],
+        "_prompt": [{"role": "user", "content": build_prompt(text, instruction, setting)}],
         "_response": [{"role": "assistant", "content": build_answer(keyphrases)}],
         "_system": "",
         "_tools": "",
-        "_images": [image_path],
+        "_images": None if setting == "text_only" else [image_path],
         "_videos": None,
         "_audios": None,
     }
@@ -168,7 +175,7 @@ def load_cmkp_dataset(dataset_attr: Any, data_args: Any, training_args: Any, log
     options = dataset_options(dataset_attr)
     files = _local_files(data_args.dataset_dir, dataset_attr.dataset_name)
     media_dir = os.path.join(data_args.dataset_dir, options.media_dir) if options.media_dir else data_args.media_dir
-    report = load_cmkp_files(files, media_dir)
+    report = load_cmkp_files(files, media_dir, check_images=input_setting() != "text_only")
     arguments = active_arguments()
     skip = options.skip_bad_records or (arguments is not None and arguments.aimkp_skip_bad_records)
     name = re.sub(r"[^\w.-]+", "_", dataset_attr.dataset_name)
