@@ -55,6 +55,21 @@ def _eval(options: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(options: argparse.Namespace) -> int:
+    from .evaluation.compare import compare_runs, markdown_table, write_comparison
+    from .evaluation.predictions import PredictionFormatError
+
+    try:
+        results = compare_runs(options.runs, options.style)
+    except (PredictionFormatError, OSError) as err:
+        print(f"aimkp compare: {err}", file=sys.stderr)
+        return 2
+    files = write_comparison(results, options.out)
+    print(markdown_table(results))
+    print("\n".join(f"{kind}: {path}" for kind, path in files.items()))
+    return 0
+
+
 def _doctor(options: argparse.Namespace) -> int:
     """Report whether the ``.pth`` activation is installed and the patches apply in a fresh LLaMA-Factory import."""
     from . import __version__
@@ -111,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="Print JSON (keys f1@1, f1@3, map@5, n).")
     evaluate.set_defaults(run=_eval)
+
+    compare = commands.add_parser("compare", help="Metrics of several predict runs in one table and bar chart.")
+    compare.add_argument(
+        "runs", nargs="+", help="Folders with generated_predictions.jsonl (e.g. sft/full aimkp/full)."
+    )
+    compare.add_argument("--style", choices=["aimkp", "cmkp"], default="aimkp", help="Metric style (see aimkp eval).")
+    compare.add_argument("--out", default="aimkp_compare", help="Where compare.md, compare.json, compare.png go.")
+    compare.set_defaults(run=_compare)
 
     doctor = commands.add_parser("doctor", help="Check that the plugin activates inside LLaMA-Factory.")
     doctor.set_defaults(run=_doctor)

@@ -189,3 +189,36 @@ def test_predict_in_three_settings_and_score(family: str, tiny_models: dict, cmk
         assert (image_marker in rows[0]["prompt"]) == (setting != "text_only")
         scored = json.loads(run_eval(str(out / "generated_predictions.jsonl"), "--json").stdout)
         assert scored["n"] == 3
+
+
+def test_compare_builds_table_json_and_chart(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    outcomes = {
+        "sft": {"full": "a, b", "text_only": "a", "image_only": "x"},
+        "aimkp": {"full": "a", "text_only": "a", "image_only": "b, a"},
+    }
+    for method, settings in outcomes.items():
+        for setting, prediction in settings.items():
+            folder = runs / method / f"predict_{setting}"
+            folder.mkdir(parents=True)
+            (folder / "generated_predictions.jsonl").write_text(
+                json.dumps({"predict": prediction, "label": "a"}) + "\n"
+            )
+    folders = [str(runs / method / f"predict_{setting}") for method in outcomes for setting in outcomes[method]]
+    result = subprocess.run(
+        ["aimkp", "compare", *folders, "--out", str(tmp_path / "cmp")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| sft | image_only | 0.00 | 0.00 | 0.00 | 1 |" in result.stdout
+    assert "| aimkp | image_only | 0.00 | 50.00 | 25.00 | 1 |" in result.stdout  # MAP: (0 + 1/2) / 2
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert {(row["method"], row["setting"]) for row in rows} == {(m, s) for m in outcomes for s in outcomes[m]}
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 5000
+
+
+def test_compare_names_a_run_without_predictions(tmp_path: Path) -> None:
+    result = subprocess.run(["aimkp", "compare", str(tmp_path)], env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 2 and "no generated_predictions.jsonl" in result.stderr
