@@ -132,6 +132,23 @@ def tiny_train_config(model: Path, template: str, dataset_dir: Path, output_dir:
     return config
 
 
+def llamafactory_data(model: Path, template: str, dataset_dir: Path, out: Path, **overrides: Any):
+    """What ``run_sft`` does before the model: parse args, load tokenizer/processor and template, tokenize the data.
+
+    Returns ``(train_dataset, tokenizer_module, template)``.
+    """
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    config = tiny_train_config(model, template, dataset_dir, out, **overrides)
+    model_args, data_args, training_args, _, _ = get_train_args(config)
+    tokenizer_module = load_tokenizer(model_args)
+    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    dataset = get_dataset(template_obj, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    return dataset["train_dataset"], tokenizer_module, template_obj
+
+
 def run_llamafactory(
     config: dict | Path, workdir: Path, *cli_overrides: str, timeout: int = 600, **env: str
 ) -> subprocess.CompletedProcess:

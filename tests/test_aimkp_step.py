@@ -20,7 +20,7 @@ from aimkp_plugin.integration.batches import BatchSplitter
 from aimkp_plugin.method.state import CurriculumState, ModalityState, next_modality_state
 from aimkp_plugin.method.step import StepConfig, reference_sample_step
 
-from .conftest import tiny_train_config
+from .conftest import llamafactory_data
 
 
 FAMILIES = {"llava": ("llava", 2), "qwen2vl": ("qwen2_vl", 2), "qwen2_5vl": ("qwen2_vl", 2)}
@@ -33,16 +33,12 @@ STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with tex
 
 def llamafactory_batch(model_path: Path, template: str, workspace: Path, tmp_path: Path, size: int):
     """A real SFT batch of the first ``size`` raw test posts, built by LLaMA-Factory's own data pipeline."""
-    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask
 
-    config = tiny_train_config(model_path, template, workspace, tmp_path / "out", dataset="raw_test", max_samples=size)
-    model_args, data_args, training_args, _, _ = get_train_args(config)
-    tokenizer_module = load_tokenizer(model_args)
-    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-    dataset = get_dataset(template_obj, model_args, data_args, training_args, stage="sft", **tokenizer_module)
-    features = [dict(dataset["train_dataset"][index]) for index in range(size)]
+    train, tokenizer_module, template_obj = llamafactory_data(
+        model_path, template, workspace, tmp_path / "out", dataset="raw_test", max_samples=size
+    )
+    features = [dict(train[index]) for index in range(size)]
     model = None
     if template == "qwen2_vl":  # LLaMA-Factory's collator computes the m-rope positions with the model
         from transformers import AutoModelForImageTextToText

@@ -22,7 +22,7 @@ from aimkp_plugin.data.cmkp import (
 )
 from aimkp_plugin.data.demo import write_post_images
 
-from .conftest import tiny_train_config
+from .conftest import llamafactory_data, tiny_train_config
 
 
 # ---------------------------------------------------------------- parsing, pure
@@ -75,18 +75,12 @@ def test_raw_and_aimkp_json_forms_of_the_real_validation_split_agree(cmkp_data: 
 
 
 def load_through_llamafactory(model: Path, template: str, dataset_dir: Path, dataset: str, tmp_path: Path, **extra):
-    """What ``run_sft`` does before the model: parse args, load tokenizer/processor, build the tokenized dataset."""
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_tokenizer
-
-    config = tiny_train_config(model, template, dataset_dir, tmp_path / "out", dataset=dataset, **extra)
-    config.pop("max_samples")
-    model_args, data_args, training_args, _, _ = get_train_args(config)
-    tokenizer_module = load_tokenizer(model_args)
-    template_obj = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
-    module = get_dataset(template_obj, model_args, data_args, training_args, stage="sft", **tokenizer_module)
-    return module["train_dataset"], tokenizer_module["tokenizer"]
+    """The tokenized training set of ``dataset`` and its tokenizer, as ``run_sft`` builds them."""
+    extra.setdefault("max_samples", None)
+    train, tokenizer_module, _ = llamafactory_data(
+        model, template, dataset_dir, tmp_path / "out", dataset=dataset, **extra
+    )
+    return train, tokenizer_module["tokenizer"]
 
 
 @pytest.mark.parametrize(

@@ -40,9 +40,9 @@ def stem_word(word: str, lowercase: bool) -> str:
     return _stemmer().stem(word, to_lowercase=lowercase)
 
 
-def stem_phrase(phrase: str, lowercase: bool = False) -> str:
+def stem_phrase(phrase: str) -> str:
     """Porter-stem every space-separated word (``str.split``) and join them with single spaces."""
-    return " ".join(stem_word(word, lowercase) for word in phrase.split())
+    return " ".join(stem_word(word, False) for word in phrase.split())
 
 
 def split_prediction(text: str) -> list[str]:
