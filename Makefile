@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,11 @@ demo: setup
 	@echo "Curriculum:  $(BUILD)/demo/llava-lora/aimkp_state.json, plot $(BUILD)/demo/llava-lora/training_aimkp_curriculum.png"
 	@echo "Predictions: $(BUILD)/demo/llava-lora/predict/generated_predictions.jsonl"
 
-test: setup
+# Debian's headless-capable Chromium for the web UI test (driven by the playwright package; never `playwright install`).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: setup browser
 	ruff check . && ruff format --check .
 	python -m pytest
 

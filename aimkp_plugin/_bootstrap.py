@@ -3,7 +3,7 @@
 It only installs a post-import finder on ``sys.meta_path`` (using nothing but ``sys``), so a program that never
 imports LLaMA-Factory pays one module import and nothing else. When one of ``HOOKED_MODULES`` finishes executing,
 ``aimkp_plugin.integration.patches.on_module_imported`` patches it. This reaches ``llamafactory-cli train``, the
-torchrun children of ``FORCE_TORCHRUN=1`` and the training process that LlamaBoard starts, none of which offers a
+torchrun children of ``FORCE_TORCHRUN=1``, LlamaBoard and the training process it starts, none of which offers a
 plugin API. Any error in a patch is printed as one line and never propagates into the importing program.
 """
 
@@ -18,6 +18,10 @@ HOOKED_MODULES = frozenset(
         "llamafactory.data.loader",
         "llamafactory.train.tuner",
         "llamafactory.train.sft.workflow",
+        "llamafactory.webui.common",
+        "llamafactory.webui.locales",
+        "llamafactory.webui.runner",
+        "llamafactory.webui.components.train",
     }
 )
 FINDER_MARKER = "_aimkp_post_import_finder"

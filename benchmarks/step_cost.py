@@ -1,11 +1,15 @@
-"""Cost of one AimKP training step against one plain SFT step, on the tiny LLaVA with the real 24×24 image grid.
+"""Cost of one AimKP training step (reference and fast) against one plain SFT step, with the real 24×24 image grid.
 
-    python benchmarks/step_cost.py [--batch 4] [--stride 2] [--repeats 5] [--impl reference]
+    python benchmarks/step_cost.py [--model llava-576|qwen2vl] [--batch 4] [--strides 2,4] [--repeats 5]
+                                   [--device cpu|cuda] [--bf16]
 
-Both steps run on the same LoRA model (built by LLaMA-Factory's own loader, as in training) and the same batch of
-demo CMKP posts (576 image tokens each). The plain step is one forward/backward of the padded batch; the AimKP step
-is the plugin's step with every sample at text stride and image stride ``--stride`` (original + 2 masked copies per
-sample). Prints JSON with median seconds, the ratio measured in this one run, and the token counts.
+All steps run on the same LoRA model, built by LLaMA-Factory's own loader as in training (LoRA r8 on all linear
+layers of the language model, the projector trained through ``additional_target``, gradient checkpointing on), and
+the same batch of demo CMKP posts with 576 image tokens each (Qwen2-VL: images resized to 672×672, 24×24 merged
+tokens). The plain step is one forward/backward of the padded batch; the AimKP steps run every sample at text and
+image stride γ (the original plus two masked copies per sample). Steps are interleaved so all see the same machine
+noise; the ratios come from this one run. Peak memory: on CUDA the allocator's peak per step; on CPU the resident
+set's high-water mark of a forked child running that step alone, above the child's start.
 """
 
 from __future__ import annotations
@@ -14,15 +18,23 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 
-def build(workdir: Path, batch_size: int):
+MODELS = {  # benchmark name -> (tiny model, template, trained projector, extra LLaMA-Factory keys)
+    "llava-576": ("llava-576", "llava", "multi_modal_projector", {}),
+    "qwen2vl": ("qwen2vl", "qwen2_vl", "visual.merger", {"image_min_pixels": 672 * 672}),
+}
+
+
+def build(workdir: Path, name: str, batch_size: int, device: str, bf16: bool):
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_model, load_tokenizer
@@ -30,8 +42,9 @@ def build(workdir: Path, batch_size: int):
     from aimkp_plugin.data.demo import build_demo_dataset
     from aimkp_plugin.models.tiny import build_tiny_model
 
+    tiny, template_name, projector, extra = MODELS[name]
     repo = Path(__file__).resolve().parents[1]
-    model_path = build_tiny_model("llava-576", repo / "build" / "tiny" / "llava-576")
+    model_path = build_tiny_model(tiny, repo / "build" / "tiny" / tiny)
     data = build_demo_dataset(workdir / "demo")
     config = {
         "model_name_or_path": str(model_path),
@@ -40,15 +53,18 @@ def build(workdir: Path, batch_size: int):
         "finetuning_type": "lora",
         "lora_rank": 8,
         "lora_target": "all",
+        "additional_target": projector,
         "dataset": "cmkp_demo_train",
         "dataset_dir": str(data),
-        "template": "llava",
+        "template": template_name,
         "cutoff_len": 1024,
         "max_samples": batch_size,
         "output_dir": str(workdir / "out"),
         "report_to": "none",
         "aimkp": True,
         "preprocessing_num_workers": 1,
+        "bf16": bf16,
+        **extra,
     }
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
     tokenizer_module = load_tokenizer(model_args)
@@ -56,72 +72,175 @@ def build(workdir: Path, batch_size: int):
     dataset = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     model = load_model(tokenizer_module["tokenizer"], model_args, finetuning_args, is_trainable=True)
     collator = SFTDataCollatorWith4DAttentionMask(template=template, model=model, **tokenizer_module)
-    features = [dict(dataset["train_dataset"][index]) for index in range(batch_size)]
-    return model.train(), collator(features), tokenizer_module["tokenizer"]
+    batch = collator([dict(dataset["train_dataset"][index]) for index in range(batch_size)])
+    batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    return model.to(device).train(), batch, tokenizer_module["tokenizer"]
+
+
+def resident_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_bytes(method: str, stride: int, argv: list[str]) -> int:
+    """Resident high-water mark of a fresh process running one ``method`` step twice, above its resident set after
+    building the model (a fork would share OpenMP state with this process, which can hang)."""
+    command = [sys.executable, __file__, *argv, "--measure-memory", f"{method}:{stride}"]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return int(json.loads(output.strip().splitlines()[-1])["peak_bytes"])
+
+
+def cuda_peak_bytes(step: Callable[[], None]) -> int:
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - baseline
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llava-576", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--stride", type=int, default=2)
+    parser.add_argument("--strides", default="2,4", help="comma-separated γ values (text and image alike)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--impl", default="reference", choices=["reference"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bf16 compute (as LLaMA-Factory's bf16: true)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="aimkp_fast_max_tokens (0: the batch's padded size)")
+    parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)  # internal: "method:stride"
     options = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
 
     from aimkp_plugin.integration.batches import BatchSplitter
+    from aimkp_plugin.method.fast_step import fast_batch_step, fast_step_layout, plan_rows
     from aimkp_plugin.method.state import CurriculumState, ModalityState
     from aimkp_plugin.method.step import StepConfig, reference_sample_step
 
     with tempfile.TemporaryDirectory() as workdir:
-        model, batch, tokenizer = build(Path(workdir), options.batch)
+        model, batch, tokenizer = build(Path(workdir), options.model, options.batch, options.device, options.bf16)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    splitter = BatchSplitter(model.config, tokenizer)
-    samples = splitter.split(batch, list(range(options.batch)))
+    samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(options.batch)))
     config = StepConfig(modalities=["text", "image"], thresholds={"text": 0.1, "image": 0.4})
     tokens = sum(sample.num_answer_tokens for sample in samples)
+    layout = fast_step_layout(model)
+    autocast = torch.autocast(options.device, dtype=torch.bfloat16, enabled=options.bf16)
+    mask_dtype = torch.bool
+
+    def state_at(stride: int) -> CurriculumState:
+        state = CurriculumState(options.batch, stride)
+        for index in range(options.batch):  # every sample at the chosen strides, not frozen
+            state.set(index, "text", ModalityState(stride))
+            state.set(index, "image", ModalityState(stride))
+        return state
 
     def plain_step() -> None:
         model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
 
-    def aimkp_step() -> None:
+    def reference_step(stride: int) -> None:
         model.zero_grad(set_to_none=True)
-        state = CurriculumState(options.batch, options.stride)
-        for index in range(options.batch):  # every sample at the chosen strides, not frozen
-            state.set(index, "text", ModalityState(options.stride))
-            state.set(index, "image", ModalityState(options.stride))
-        for sample in samples:
-            reference_sample_step(model, parameters, sample, state, config, tokens, torch.bool)
+        state = state_at(stride)
+        with autocast:
+            for sample in samples:
+                reference_sample_step(model, parameters, sample, state, config, tokens, mask_dtype)
 
-    timings: dict[str, list[float]] = {"plain_sft": [], "aimkp": []}
-    for step in (plain_step, aimkp_step):  # warm-up
-        step()
-    for _ in range(options.repeats):  # interleaved, so both see the same machine noise
-        for name, step in (("plain_sft", plain_step), ("aimkp", aimkp_step)):
-            start = time.perf_counter()
+    def fast_step(stride: int) -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            fast_batch_step(layout, samples, state_at(stride), config, tokens, 0, options.max_tokens)
+
+    def synchronised(step: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
             step()
-            timings[name].append(time.perf_counter() - start)
-    plain, aimkp = statistics.median(timings["plain_sft"]), statistics.median(timings["aimkp"])
+            if options.device == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
+    if options.measure_memory:  # the child of cpu_peak_bytes
+        method, stride = options.measure_memory.split(":")
+        step = {
+            "plain_sft": plain_step,
+            "reference": lambda: reference_step(int(stride)),
+            "fast": lambda: fast_step(int(stride)),
+        }[method]
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:  # VmHWM := the current resident set
+            clear.write("5")
+        start = resident_kib("VmHWM")
+        for _ in range(2):
+            step()
+        print(json.dumps({"peak_bytes": (resident_kib("VmHWM") - start) * 1024}))
+        return
+    argv = [f"--model={options.model}", f"--batch={options.batch}", f"--device={options.device}"]
+    argv += [f"--max-tokens={options.max_tokens}"]
+    argv += ["--bf16"] if options.bf16 else []
+    results = {}
+    for stride in [int(value) for value in options.strides.split(",")]:
+        steps = {
+            "plain_sft": synchronised(plain_step),
+            "reference": synchronised(lambda stride=stride: reference_step(stride)),
+            "fast": synchronised(lambda stride=stride: fast_step(stride)),
+        }
+        timings: dict[str, list[float]] = {name: [] for name in steps}
+        for step in steps.values():  # warm-up
+            step()
+        for _ in range(options.repeats):  # interleaved, so all see the same machine noise
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                timings[name].append(time.perf_counter() - start)
+        seconds = {name: statistics.median(values) for name, values in timings.items()}
+        if options.device == "cuda":
+            memory = {name: cuda_peak_bytes(step) for name, step in steps.items()}
+        else:
+            memory = {name: cpu_peak_bytes(name, stride, argv) for name in steps}
+        state = state_at(stride)
+        kept = {
+            modality: [
+                len(sample.spans.text) if modality == "text" else len(sample.spans.image_positions)
+                for sample in samples
+            ]
+            for modality in ("text", "image")
+        }
+        rows, _ = plan_rows(samples, state, config)
+        results[f"stride_{stride}"] = {
+            "row_lengths_fast": {
+                name: [len(row.keep) for row in rows if row.name == name] for name in ("original", "text", "image")
+            },
+            "step_s": {name: round(value, 4) for name, value in seconds.items()},
+            "peak_mem_bytes": memory,
+            "fast_over_reference": round(seconds["fast"] / seconds["reference"], 3),
+            "fast_over_sft": round(seconds["fast"] / seconds["plain_sft"], 3),
+            "reference_over_sft": round(seconds["reference"] / seconds["plain_sft"], 3),
+            "peak_mem_fast_over_reference": round(memory["fast"] / max(memory["reference"], 1), 3),
+            "peak_mem_fast_over_sft": round(memory["fast"] / max(memory["plain_sft"], 1), 3),
+        }
+    device_name = torch.cuda.get_device_name() if options.device == "cuda" else "cpu"
     print(
         json.dumps(
             {
-                "model": "tiny llava-576 (hidden 64, 2 layers, CLIP 336px/14: 24x24 = 576 image tokens), LoRA r8",
-                "impl": options.impl,
-                "device": "cpu",
+                "model": f"tiny {options.model} (hidden 64, 2 layers, 576 image tokens per post), LoRA r8 on all "
+                "linear layers + trained projector",
+                "device": device_name,
+                "dtype": "bfloat16" if options.bf16 else "float32",
                 "threads": torch.get_num_threads(),
                 "batch": options.batch,
-                "strides": {"text": options.stride, "image": options.stride},
                 "sequence_lengths": [int(sample.model_inputs["input_ids"].shape[1]) for sample in samples],
-                "image_tokens_per_sample": [len(sample.spans.image_positions) for sample in samples],
-                "text_tokens_per_sample": [len(sample.spans.text) for sample in samples],
+                "image_tokens_per_sample": kept["image"],
+                "text_tokens_per_sample": kept["text"],
                 "answer_tokens": tokens,
+                "trainable_parameters": sum(parameter.numel() for parameter in parameters),
                 "repeats": options.repeats,
-                "plain_sft_step_s": round(plain, 4),
-                "aimkp_step_s": round(aimkp, 4),
-                "aimkp_over_plain": round(aimkp / plain, 2),
+                **results,
                 "python": sys.version.split()[0],
+                "torch": torch.__version__,
             },
             indent=2,
         )

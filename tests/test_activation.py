@@ -19,7 +19,7 @@ from aimkp_plugin.cli import PTH_NAME
 from .conftest import REPO, read_trace, subprocess_env, tiny_train_config
 
 
-ALL_PATCHES = {
+TRAIN_PATCHES = {  # the patches a training process (llamafactory-cli train, torchrun ranks) applies
     "_patch_hparams_parser_read_args",
     "_patch_data_parser_dataset_attr_join",
     "_patch_data_converter_register_cmkp",
@@ -27,6 +27,14 @@ ALL_PATCHES = {
     "_patch_train_tuner_training_function",
     "_patch_train_sft_workflow_trainer",
 }
+WEBUI_PATCHES = {  # and those only the web UI process imports
+    "_patch_webui_common_clean_cmd",
+    "_patch_webui_locales_add_aimkp",
+    "_patch_webui_runner_parse_train_args",
+    "_patch_webui_runner_initialize",
+    "_patch_webui_components_train_create_train_tab",
+}
+ALL_PATCHES = TRAIN_PATCHES | WEBUI_PATCHES
 
 
 # Imports LLaMA-Factory (firing the hook), tells whether cmkp got registered, then tries a run with aimkp: true.
@@ -202,5 +210,5 @@ def test_regular_install_activates_in_llamafactory_cli_train(
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert f"plugin from: {purelib}/aimkp_plugin/__init__.py" in result.stdout
-    assert {event["patch"] for event in read_trace(trace)} == ALL_PATCHES
+    assert {event["patch"] for event in read_trace(trace)} == TRAIN_PATCHES
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -1,9 +1,9 @@
 """The reference AimKP step against a one-variant-at-a-time ground truth written independently from the spec.
 
 The ground truth finds the spans its own way (exact search of the encoded post text, image tokens by id), builds
-the masks from the spec's formulas, runs a second copy of the model with an additive float
-mask, takes HF's own mean loss and ``torch.autograd.grad``, all in float64. The plugin runs the LLaMA-Factory batch
-through its splitter and step (SDPA, boolean masks). Cosines, keep decisions, the final ``.grad`` of every trainable
+the masks from the spec's formulas, runs a second copy of the model with an additive float mask, takes the mean
+answer cross-entropy and ``torch.autograd.grad``, all in float64. The plugin runs the LLaMA-Factory batch through
+its splitter and step (SDPA, boolean masks). Cosines, keep decisions, the final ``.grad`` of every trainable
 parameter and the stride updates must agree.
 """
 
@@ -82,7 +82,9 @@ def ground_truth_gradient(model, inputs: dict, hidden: list[int], parameters) ->
     mask = torch.zeros(length, length, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
     kwargs = {**inputs, "attention_mask": mask[None, None]}
     kwargs.setdefault("position_ids", torch.arange(length)[None])
-    loss = model(**kwargs).loss  # HF's own mean cross-entropy over the answer tokens
+    labels = kwargs.pop("labels")
+    logits = model(**kwargs).logits  # float64 (HF's own loss would take its cross-entropy in float32)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)  # mean over answers
     return list(torch.autograd.grad(loss, parameters, allow_unused=False)), int(
         (inputs["labels"][:, 1:] != -100).sum()
     )

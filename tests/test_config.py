@@ -58,6 +58,13 @@ def test_stride_accepts_integer_strings_and_floats() -> None:
     assert parse_aimkp_arguments({"aimkp_init_stride": 2.0}).aimkp_init_stride == 2
 
 
+def test_fast_max_tokens_is_a_non_negative_integer() -> None:
+    assert parse_aimkp_arguments({}).aimkp_fast_max_tokens == 0
+    assert parse_aimkp_arguments({"aimkp_fast_max_tokens": "4096"}).aimkp_fast_max_tokens == 4096
+    with pytest.raises(AimkpConfigError, match=r"aimkp_fast_max_tokens must be an integer >= 0"):
+        parse_aimkp_arguments({"aimkp_fast_max_tokens": -1})
+
+
 def test_unknown_key_suggests_the_closest() -> None:
     with pytest.raises(AimkpConfigError, match="Did you mean 'aimkp_text_threshold'") as error:
         parse_aimkp_arguments({"aimkp_txt_threshold": 0.2})

@@ -11,7 +11,7 @@ from pathlib import Path
 from aimkp_plugin.data.cmkp import iter_records
 
 from .conftest import REPO, read_trace, subprocess_env, tiny_train_config
-from .test_activation import ALL_PATCHES
+from .test_activation import TRAIN_PATCHES
 
 
 def trainer_losses(output_dir: Path) -> list[float]:
@@ -34,7 +34,7 @@ def test_demo_recipes_train_and_predict_on_tiny_llava(tiny_models: dict, tmp_pat
         AIMKP_PLUGIN_TRACE=str(trace),
     )
     assert train.returncode == 0, train.stdout[-4000:]
-    assert {event["patch"] for event in read_trace(trace)} == ALL_PATCHES
+    assert {event["patch"] for event in read_trace(trace)} == TRAIN_PATCHES
     losses = trainer_losses(out)
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # lm_head trains: the loss moves
     assert (out / "adapter_model.safetensors").is_file()
@@ -76,7 +76,7 @@ def test_hook_fires_in_both_torchrun_ranks(
     for event in read_trace(trace):
         if event["rank"] is not None:
             patches_by_rank[event["rank"]].add(event["patch"])
-    assert dict(patches_by_rank) == {"0": ALL_PATCHES, "1": ALL_PATCHES}
+    assert dict(patches_by_rank) == {"0": TRAIN_PATCHES, "1": TRAIN_PATCHES}
 
 
 def test_aimkp_true_rejects_a_model_without_image_input(cmkp_workspace: Path, tmp_path: Path, llamafactory_runner):

@@ -112,7 +112,7 @@ def wrap_function(owner: Any, name: str, patch_name: str, wrapper: Callable[...,
 
 
 def _patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
-    from . import args, dataset, trainer
+    from . import args, dataset, trainer, webui
 
     return {
         "llamafactory.hparams.parser": (args._patch_hparams_parser_read_args,),
@@ -121,14 +121,25 @@ def _patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
         "llamafactory.data.loader": (dataset._patch_data_loader_load_single_dataset,),
         "llamafactory.train.tuner": (args._patch_train_tuner_training_function,),
         "llamafactory.train.sft.workflow": (trainer._patch_train_sft_workflow_trainer,),
+        "llamafactory.webui.common": (webui._patch_webui_common_clean_cmd,),
+        "llamafactory.webui.locales": (webui._patch_webui_locales_add_aimkp,),
+        "llamafactory.webui.runner": (
+            webui._patch_webui_runner_parse_train_args,
+            webui._patch_webui_runner_initialize,
+        ),
+        "llamafactory.webui.components.train": (webui._patch_webui_components_train_create_train_tab,),
     }
 
 
 def _guard_patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
-    """Applied instead of the patches while the plugin is inactive: refuse configs that ask for AimKP."""
-    from . import args
+    """Applied instead of the patches while the plugin is inactive: refuse configs that ask for AimKP, and say why the
+    web UI has no AimKP section."""
+    from . import args, webui
 
-    return {"llamafactory.hparams.parser": (args._patch_hparams_parser_refuse_aimkp,)}
+    return {
+        "llamafactory.hparams.parser": (args._patch_hparams_parser_refuse_aimkp,),
+        "llamafactory.webui.components.train": (webui._patch_webui_components_train_warn_inactive,),
+    }
 
 
 def _check_activation() -> str | None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..method.fast_step import FastStepLayout, FastStepUnsupportedError, fast_batch_step, fast_step_layout
 from ..method.step import IGNORE_INDEX, StepConfig, reference_sample_step
 from . import patches
 from .args import active_arguments
@@ -104,6 +105,25 @@ def make_aimkp_trainer_class(base: type) -> type:
                 self.aimkp_step_tokens = 0.0
                 compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float32
                 self.aimkp_mask_dtype = mask_dtype_for(self.accelerator.unwrap_model(self.model), compute_dtype)
+                self.aimkp_layout = self._aimkp_fast_layout()
+
+        def _aimkp_fast_layout(self) -> FastStepLayout | None:
+            """The fast step's view of the model, or None (with one warning) when only the reference step fits."""
+            if self.aimkp.aimkp_impl != "fast":
+                return None
+            try:
+                layout = fast_step_layout(self.accelerator.unwrap_model(self.model))
+            except FastStepUnsupportedError as err:
+                logger.warning(
+                    f"aimkp-plugin: aimkp_impl: fast cannot run this model ({err}); the reference step runs instead "
+                    "(the same updates, slower). Set aimkp_impl: reference to silence this warning."
+                )
+                return None
+            logger.info(
+                f"aimkp-plugin: the fast AimKP step runs ({len(layout.linear_modules)} hooked Linear layers, "
+                f"{len(layout.vision_parameters)} trained vision-side tensors)."
+            )
+            return layout
 
         def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
             if self.aimkp_callback is not None and resume_from_checkpoint:
@@ -145,18 +165,18 @@ def make_aimkp_trainer_class(base: type) -> type:
             epoch = int(self.state.epoch or 0)
             outcomes = []
             sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
+            state, config = self.aimkp_callback.state, self.aimkp_config
             with sync:
-                for sample in self.aimkp_splitter.split(inputs, indices):
+                samples = self.aimkp_splitter.split(inputs, indices)
+                if self.aimkp_layout is not None:
+                    outcomes, left_to_reference = fast_batch_step(
+                        self.aimkp_layout, samples, state, config, total, epoch, self.aimkp.aimkp_fast_max_tokens
+                    )
+                    samples = [samples[position] for position in left_to_reference]
+                for sample in samples:
                     outcomes.append(
                         reference_sample_step(
-                            core,
-                            parameters,
-                            sample,
-                            self.aimkp_callback.state,
-                            self.aimkp_config,
-                            total,
-                            self.aimkp_mask_dtype,
-                            epoch,
+                            core, parameters, sample, state, config, total, self.aimkp_mask_dtype, epoch
                         )
                     )
             self.aimkp_callback.record(outcomes)

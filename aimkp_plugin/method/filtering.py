@@ -30,11 +30,16 @@ def gradient_cosine(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor
         dot = dot + (a * b).sum().cpu()
         first_norm = first_norm + (a * a).sum().cpu()
         second_norm = second_norm + (b * b).sum().cpu()
-    if not bool(torch.isfinite(dot) & torch.isfinite(first_norm) & torch.isfinite(second_norm)):
+    return cosine_from_products(dot, first_norm, second_norm)
+
+
+def cosine_from_products(dot: torch.Tensor, first_sq: torch.Tensor, second_sq: torch.Tensor) -> float:
+    """cos = <a, b> / (|a| |b|) from the dot product and the squared norms; NaN for zero or non-finite ones."""
+    if not bool(torch.isfinite(dot) & torch.isfinite(first_sq) & torch.isfinite(second_sq)):
         return math.nan
-    if first_norm == 0 or second_norm == 0:
+    if first_sq == 0 or second_sq == 0:
         return math.nan
-    return float(dot / (first_norm.sqrt() * second_norm.sqrt()))
+    return float(dot / (first_sq.sqrt() * second_sq.sqrt()))
 
 
 def keep_copy(cosine: float, threshold: float, filtering: bool = True) -> bool:

@@ -110,8 +110,8 @@ def masked_inputs(sample: SampleInputs, hidden: list[int], dtype: torch.dtype) -
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ over answer tokens of the next-token cross-entropy, in float32."""
-    shifted_logits = logits[:, :-1].float()
+    """Σ over answer tokens of the next-token cross-entropy, in float32 at least (float64 logits stay float64)."""
+    shifted_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     shifted_labels = labels[:, 1:].to(shifted_logits.device)
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
@@ -185,8 +185,24 @@ def reference_sample_step(
     for name in kept:
         _add_into_grad(parameters, gradients[name], n_tokens * variant_weight(len(kept)) / total_answer_tokens)
 
+    update_curriculum(sample, state, config, cosines, epoch, outcome)
+    return outcome
+
+
+def update_curriculum(
+    sample: SampleInputs,
+    state: CurriculumState,
+    config: StepConfig,
+    cosines: dict[str, float],
+    epoch: int,
+    outcome: SampleOutcome,
+) -> None:
+    """Move the sample's strides after its visit (first visit of ``epoch`` only), recording the changes in ``outcome``.
+
+    A modality without a span in this sample is skipped; one without a copy this visit gets no cosine (γ = 1 → 2).
+    """
     if not state.first_visit(sample.index, epoch):
-        return outcome
+        return
     outcome.visit = (sample.index, epoch)
     for modality in config.modalities:
         if not span_present(sample.spans, modality):
@@ -199,4 +215,3 @@ def reference_sample_step(
         if updated != current:
             state.set(sample.index, modality, updated)
             outcome.updates.append((sample.index, modality, updated))
-    return outcome

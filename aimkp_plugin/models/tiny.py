@@ -20,7 +20,7 @@ from ..data.cmkp import DEFAULT_INSTRUCTION, bundled_cmkp_posts
 
 
 BUILD_MARKER = "aimkp_build.json"
-BUILDER_VERSION = 1  # bump when a builder changes what it writes
+BUILDER_VERSION = 2  # bump when a builder changes what it writes
 
 LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 QWEN_SPECIAL_TOKENS = (
@@ -262,7 +262,9 @@ def _build_qwen_vl(spec: TinyModelSpec, out: Path) -> None:
     model = ModelClass(config)
     model.generation_config.pad_token_id = vocab["<|endoftext|>"]
     model.generation_config.eos_token_id = vocab["<|im_end|>"]
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    # Small images stay small (LLaMA-Factory resizes them first, within image_min_pixels..image_max_pixels); the
+    # high ceiling lets a run ask for the real 24x24 grid with image_min_pixels: 451584 (672 x 672).
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 672 * 672}
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels),
         tokenizer=tokenizer,

@@ -1,0 +1,359 @@
+"""The fast AimKP step: the same updates as :func:`~aimkp_plugin.method.step.reference_sample_step`, computed for a
+whole micro-batch at once.
+
+What changes against the reference, and why each change keeps the result exact:
+
+- **Images are encoded once.** The vision tower and projector run once per micro-batch; every variant of a sample
+  reads the same image features (the reference recomputes them per variant, with identical results).
+- **Masked tokens are dropped, not hidden.** A hidden token influences no other token, so removing it from the
+  sequence changes nothing for the kept ones, as long as every kept token keeps its original position id (also
+  Qwen2-VL's 3-D rope positions, whose columns are gathered). At stride 2 a 24×24 image keeps 144 of 576 tokens.
+- **Variants of the micro-batch run together**, as rows of padded forward passes (rows sorted by length and grouped,
+  at most ``max_tokens_per_forward`` padded tokens per pass; by default as many as the micro-batch's own padded
+  batch, so a pass is never larger than the plain SFT forward of the same micro-batch).
+- **Per-variant gradients come from one backward per pass**, not one per variant:
+  :class:`~aimkp_plugin.method.row_gradients.RowGradients` keeps each row's gradient apart (Linear-layer hooks in
+  the language model; one vmapped backward through the shared image features for the projector). Cosines come from
+  one Gram matrix, and the optimizer-step gradient ``Σ_i n_i / |K_i| / N · Σ_{v ∈ K_i} g_{i,v}`` is one weighted sum
+  of the rows, with no further pass.
+
+Supported trainable parameters: Linear layers outside the vision side (LoRA ``lora_A``/``lora_B``, a trained
+``lm_head``) and anything inside the vision tower and projector. Any other trained parameter (embeddings, norms of
+the language model, DoRA magnitudes) has no per-row rule here: :func:`fast_step_layout` says so, and the caller
+runs the reference step instead. A sample in which a hidden token directly precedes an answer token (possible only
+when the instruction was not found and the text span runs up to the answer) also takes the reference step: there
+the reference predicts that answer token from the hidden token's own output, which a dropped token cannot give.
+
+Pure torch (the model is a Hugging Face LLaVA, Qwen2-VL or Qwen2.5-VL, reached through its own methods).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .filtering import cosine_from_products, keep_copy, variant_weight
+from .row_gradients import RowGradients
+from .state import CurriculumState
+from .step import (
+    IGNORE_INDEX,
+    ORIGINAL,
+    CopyOutcome,
+    SampleInputs,
+    SampleOutcome,
+    StepConfig,
+    hidden_for,
+    planned_copies,
+    update_curriculum,
+)
+
+
+FAST_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl")
+
+
+class FastStepUnsupportedError(ValueError):
+    """The model or its trainable parameters are outside what the fast step computes per row."""
+
+
+@dataclass
+class FastStepLayout:
+    """Where a model's trainable parameters sit, as the fast step needs to know it."""
+
+    model: nn.Module  # the Hugging Face model (below any PEFT wrapper)
+    parameters: list[nn.Parameter]  # every trainable parameter, in the buffer's order
+    linear_modules: list[nn.Linear]  # language-side Linear layers that own trainable parameters (hooked)
+    vision_parameters: list[nn.Parameter]  # trainable parameters upstream of the image features
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face model below a PEFT wrapper (LoRA layers are injected into it, so calling it trains them)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def vision_side(model: nn.Module) -> list[nn.Module]:
+    """The modules that turn pixels into the image features the language model reads."""
+    inner = model.model
+    if model.config.model_type == "llava":
+        return [inner.vision_tower, inner.multi_modal_projector]
+    return [inner.visual]
+
+
+def fast_step_layout(model: nn.Module) -> FastStepLayout:
+    """Classify the trainable parameters of ``model``; :class:`FastStepUnsupportedError` says what is not covered."""
+    hf_model = base_model_of(model)
+    model_type = getattr(hf_model.config, "model_type", None)
+    if model_type not in FAST_MODEL_TYPES:
+        raise FastStepUnsupportedError(
+            f"model_type {model_type} has no fast AimKP step (supported: {', '.join(FAST_MODEL_TYPES)})"
+        )
+    vision_ids = {id(p) for module in vision_side(hf_model) for p in module.parameters()}
+    parameters, linear_modules, vision_parameters, uncovered = [], [], [], []
+    for name, module in hf_model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if all(id(p) in vision_ids for p in own):
+            vision_parameters += own
+        elif type(module) is nn.Linear:
+            linear_modules.append(module)
+        else:
+            uncovered.append(f"{name} ({type(module).__name__})")
+            continue
+        parameters += own
+    if uncovered:
+        raise FastStepUnsupportedError(
+            "trained parameters without a per-row gradient rule in the fast step: " + ", ".join(uncovered[:5])
+        )
+    return FastStepLayout(hf_model, parameters, linear_modules, vision_parameters)
+
+
+@dataclass
+class Row:
+    """One variant of one sample, as a row of a forward pass: the sample's positions it keeps, in order."""
+
+    sample: int  # position in the micro-batch
+    name: str  # ORIGINAL, "text" or "image"
+    stride: int
+    keep: torch.Tensor  # long, sorted positions of the sample's sequence
+
+
+def needs_reference_step(sample: SampleInputs, hidden: Sequence[int]) -> bool:
+    """True when a hidden token directly precedes an answer token (then dropping it would change a prediction)."""
+    labels = sample.labels[0].tolist()
+    return any(position + 1 < len(labels) and labels[position + 1] != IGNORE_INDEX for position in hidden)
+
+
+def encode_images(model: nn.Module, samples: Sequence[SampleInputs], dtype: torch.dtype) -> torch.Tensor | None:
+    """Image features of every image of the micro-batch, one row per image token, samples and images in order."""
+    with_images = [sample.model_inputs for sample in samples if "pixel_values" in sample.model_inputs]
+    if not with_images:
+        return None
+    pixel_values = torch.cat([inputs["pixel_values"] for inputs in with_images])
+    if model.config.model_type == "llava":
+        output = model.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        )
+    else:
+        grids = torch.cat([inputs["image_grid_thw"] for inputs in with_images])
+        output = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grids)
+    return torch.cat(list(output.pooler_output)).to(dtype)
+
+
+def plan_rows(
+    samples: Sequence[SampleInputs], state: CurriculumState, config: StepConfig
+) -> tuple[list[Row], list[int]]:
+    """The rows of every fast-path sample, and the positions of the samples that need the reference step."""
+    rows, reference = [], []
+    for position, sample in enumerate(samples):
+        if sample.num_answer_tokens == 0:
+            continue  # no loss, no gradient: the sample only moves its curriculum
+        length = sample.model_inputs["input_ids"].shape[1]
+        sample_rows = [Row(position, ORIGINAL, 1, torch.arange(length))]
+        for modality, stride in planned_copies(sample, state, config):
+            hidden = hidden_for(sample.spans, modality, stride)
+            if needs_reference_step(sample, hidden):
+                reference.append(position)
+                break
+            keep = torch.ones(length, dtype=torch.bool)
+            keep[hidden] = False
+            sample_rows.append(Row(position, modality, stride, keep.nonzero().squeeze(1)))
+        else:
+            rows += sample_rows
+    return rows, reference
+
+
+def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
+    """Forward passes over ``rows`` (sorted longest first): consecutive runs padded to at most ``max_tokens``."""
+    groups: list[slice] = []
+    for index in range(len(rows)):
+        if groups and (index - groups[-1].start + 1) * len(rows[groups[-1].start].keep) <= max_tokens:
+            groups[-1] = slice(groups[-1].start, index + 1)
+        else:
+            groups.append(slice(index, index + 1))
+    return groups
+
+
+def padded_inputs(
+    samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``input_ids``, ``labels``, ``attention_mask`` and ``position_ids`` of rows, right-padded to the longest."""
+    length = max(len(row.keep) for row in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+    positions = [samples[row.sample].model_inputs.get("position_ids") for row in rows]
+    if positions[0] is None:  # 1-D rope: the original positions are 0..L-1
+        positions = [torch.arange(samples[row.sample].model_inputs["input_ids"].shape[1])[None] for row in rows]
+    leading = positions[0].shape[:-2]  # () for (1, L); (3,) or (4,) for Qwen's (P, 1, L)
+    position_ids = torch.zeros(*leading, len(rows), length, dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        inputs, count = samples[row.sample].model_inputs, len(row.keep)
+        keep = row.keep.to(inputs["input_ids"].device)
+        input_ids[index, :count] = inputs["input_ids"][0, keep]
+        labels[index, :count] = inputs["labels"][0, keep]
+        attention_mask[index, :count] = 1
+        position_ids[..., index, :count] = positions[index][..., 0, :].to(device)[..., keep.to(device)]
+    return input_ids, labels, attention_mask, position_ids
+
+
+def row_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over each row's answer tokens of the next-token cross-entropy, in float32 at least (as the reference)."""
+    shifted = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    losses = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.view(labels.shape[0], -1).sum(dim=1)
+
+
+def fast_batch_step(
+    layout: FastStepLayout,
+    samples: Sequence[SampleInputs],
+    state: CurriculumState,
+    config: StepConfig,
+    total_answer_tokens: float,
+    epoch: int = 0,
+    max_tokens_per_forward: int | None = None,
+) -> tuple[list[SampleOutcome], list[int]]:
+    """Run the visits of a micro-batch: gradients into ``.grad``, the states updated, the outcomes returned.
+
+    Returns the outcomes of the samples it trained (in micro-batch order) and the positions of the samples it left
+    to the reference step (see the module docstring); the caller runs those.
+    """
+    rows, reference = plan_rows(samples, state, config)
+    rows.sort(key=lambda row: -len(row.keep))  # stable: ties keep the sample order
+    outcomes = {
+        position: SampleOutcome(sample.index, sample.num_answer_tokens, 0.0)
+        for position, sample in enumerate(samples)
+        if position not in reference
+    }
+    if rows:
+        if not max_tokens_per_forward:  # as many tokens as the micro-batch's own padded batch
+            max_tokens_per_forward = len(samples) * len(rows[0].keep)
+        gradients, loss_sums = row_gradients(layout, samples, rows, max_tokens_per_forward)
+        gram, losses = gradients.gram().cpu(), loss_sums.tolist()  # one transfer each, then plain reads
+        weights = torch.zeros(len(rows), dtype=gram.dtype)
+        original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
+        kept_rows: dict[int, list[int]] = {position: [index] for position, index in original_row.items()}
+        for index, row in enumerate(rows):
+            if row.name == ORIGINAL:
+                outcomes[row.sample].original_loss_sum = losses[index]
+                continue
+            first = original_row[row.sample]
+            cosine = cosine_from_products(gram[first, index], gram[first, first], gram[index, index])
+            decision = keep_copy(cosine, config.thresholds[row.name], config.filtering)
+            outcomes[row.sample].copies.append(CopyOutcome(row.name, row.stride, cosine, decision))
+            if decision:
+                kept_rows[row.sample].append(index)
+        for position, indices in kept_rows.items():
+            share = samples[position].num_answer_tokens * variant_weight(len(indices)) / total_answer_tokens
+            weights[indices] = share
+        gradients.add_into_grad(gradients.combine(weights.to(gradients.flat.device)))
+    for position, outcome in outcomes.items():
+        outcome.copies.sort(key=lambda copy: config.modalities.index(copy.modality))
+        cosines = {copy.modality: copy.cosine for copy in outcome.copies}
+        update_curriculum(samples[position], state, config, cosines, epoch, outcome)
+    return [outcomes[position] for position in sorted(outcomes)], reference
+
+
+def image_token_id_of(config: object) -> int:
+    for name in ("image_token_index", "image_token_id"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise FastStepUnsupportedError(f"model_type {getattr(config, 'model_type', None)} has no image token id")
+
+
+def feature_indices(samples: Sequence[SampleInputs], rows: Sequence[Row], image_token_id: int) -> list[torch.Tensor]:
+    """For each row, the indices into the micro-batch's image features of the image tokens it keeps, in order."""
+    first, cursor, ordinals = [], 0, []
+    for sample in samples:
+        is_image = sample.model_inputs["input_ids"][0] == image_token_id
+        first.append(cursor)
+        ordinals.append(torch.where(is_image, torch.cumsum(is_image, 0) - 1, -1))
+        cursor += int(is_image.sum())
+    indices = []
+    for row in rows:
+        ordinal = ordinals[row.sample][row.keep.to(ordinals[row.sample].device)]
+        indices.append(first[row.sample] + ordinal[ordinal >= 0])
+    return indices
+
+
+def row_gradients(
+    layout: FastStepLayout, samples: Sequence[SampleInputs], rows: list[Row], max_tokens_per_forward: int
+) -> tuple[RowGradients, torch.Tensor]:
+    """Every row's gradient of its mean answer cross-entropy (in a :class:`RowGradients`) and its summed loss.
+
+    ``.grad`` is left as it was. One forward and one backward per group of rows; the projector's share of each
+    row's gradient comes from one vmapped backward through the shared image features at the end.
+    """
+    model = layout.model
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device
+    buffer_dtype = torch.promote_types(layout.parameters[0].dtype, torch.float32)
+    gradients = RowGradients(layout.parameters, len(rows), buffer_dtype, device)
+    image_token_id = image_token_id_of(model.config)
+    trains_vision = bool(layout.vision_parameters)
+    with torch.set_grad_enabled(trains_vision):
+        features = encode_images(model, samples, embedding.weight.dtype)
+    indices = feature_indices(samples, rows, image_token_id)
+    if (
+        features is not None
+        and sum(int((s.model_inputs["input_ids"] == image_token_id).sum()) for s in samples) != (features.shape[0])
+    ):
+        raise RuntimeError("aimkp fast step: the number of image tokens and of image features differ.")
+
+    # Autograd adds into an existing .grad in place: park the caller's gradients, let the backward passes below
+    # write into fresh ones, and put the caller's back afterwards.
+    saved_grads = [parameter.grad for parameter in layout.parameters]
+    for parameter in layout.parameters:
+        parameter.grad = None
+    leaves: list[torch.Tensor | None] = [None] * len(rows)
+    loss_sums = torch.zeros(len(rows), dtype=buffer_dtype, device=device)
+    try:
+        with gradients.hook_linear_layers(layout.linear_modules):
+            for group in group_rows(rows, max_tokens_per_forward):
+                input_ids, labels, attention_mask, position_ids = padded_inputs(samples, rows[group], device)
+                inputs_embeds = embedding(input_ids)
+                if features is not None:
+                    for index in range(group.start, group.stop):
+                        leaves[index] = features.detach()[indices[index].to(device)].requires_grad_(trains_vision)
+                    values = torch.cat([leaves[index] for index in range(group.start, group.stop)])
+                    if values.shape[0]:
+                        inputs_embeds = inputs_embeds.masked_scatter((input_ids == image_token_id)[..., None], values)
+                if not inputs_embeds.requires_grad:
+                    inputs_embeds.requires_grad_(True)  # frozen embeddings and projector: the graph starts here
+                gradients.rows = group
+                logits = model(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                ).logits
+                sums = row_loss_sums(logits, labels)
+                tokens = torch.tensor(
+                    [samples[row.sample].num_answer_tokens for row in rows[group]], dtype=sums.dtype, device=device
+                )
+                (sums / tokens).sum().backward()  # also fills .grad of the hooked layers: discarded below
+                loss_sums[group] = sums.detach()
+    finally:
+        for parameter, previous in zip(layout.parameters, saved_grads, strict=True):
+            parameter.grad = previous
+    if trains_vision and features is not None:  # one vmapped backward per sample, over its own rows
+        by_sample: dict[int, list[int]] = {}
+        for index, row in enumerate(rows):
+            if leaves[index] is not None and leaves[index].grad is not None:
+                by_sample.setdefault(row.sample, []).append(index)
+        for count, sample_rows in enumerate(by_sample.values(), start=1):
+            cotangents = torch.zeros(len(sample_rows), *features.shape, dtype=features.dtype, device=device)
+            for slot, index in enumerate(sample_rows):
+                cotangents[slot, indices[index].to(device)] = leaves[index].grad
+            retain = count < len(by_sample)
+            gradients.add_through(features, layout.vision_parameters, sample_rows, cotangents, retain_graph=retain)
+    return gradients, loss_sums

@@ -1,0 +1,220 @@
+"""The fast AimKP step against the reference step (itself checked against the spec's ground truth).
+
+- One micro-batch in float64 on every tiny family: the same cosines, keep decisions, stride updates and ``.grad``
+  of every trainable parameter (LoRA, a trained projector, a trained ``lm_head``), with and without gradient
+  checkpointing.
+- ``llamafactory-cli train`` for 5 optimizer steps with ``aimkp_impl: fast`` and ``reference`` from the same seed
+  (float32): the same adapter within 1e-5 relative and the same curriculum, at batch 1, batch 4 and gradient
+  accumulation 2, on the tiny LLaVA and the tiny Qwen2-VL. The runs use SGD: the two paths sum in different orders,
+  so their gradients differ by float32 rounding (about 1e-7 relative), and Adam divides each element by its own
+  magnitude, which blows that rounding up for elements whose gradient is near Adam's ε (measured: 3e-5 after 5 steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from aimkp_plugin.integration.batches import BatchSplitter
+from aimkp_plugin.method.fast_step import FastStepUnsupportedError, fast_batch_step, fast_step_layout
+from aimkp_plugin.method.state import CurriculumState, ModalityState
+from aimkp_plugin.method.step import StepConfig, reference_sample_step
+
+from .test_aimkp_step import FAMILIES, llamafactory_batch
+from .test_aimkp_training import aimkp_config, assert_same_adapter, read_state
+
+
+BATCH = 4
+STRIDES = [  # (text, image) per sample: both masked; frozen image; text only; image only at 8
+    (ModalityState(2), ModalityState(2)),
+    (ModalityState(3), ModalityState(4, frozen=True)),
+    (ModalityState(4), ModalityState(1)),
+    (ModalityState(1), ModalityState(8)),
+]
+LANGUAGE_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora_model(path: Path, family: str, checkpointing: bool) -> torch.nn.Module:
+    """LoRA (random A and B) on the language model's linear layers, a trained projector and lm_head; float64."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa")
+    projector = "multi_modal_projector" if family == "llava" else "merger"
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_LINEAR, init_lora_weights=False)
+    config.modules_to_save = [projector, "lm_head"]
+    model = get_peft_model(model, config)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    return model.train()
+
+
+def fresh_state() -> CurriculumState:
+    state = CurriculumState(BATCH, 1, [str(index) for index in range(BATCH)])
+    for index, (text_state, image_state) in enumerate(STRIDES):
+        state.set(index, "text", text_state)
+        state.set(index, "image", image_state)
+    return state
+
+
+def run_reference(model, samples, config: StepConfig, tokens: float):
+    model.zero_grad(set_to_none=True)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    state = fresh_state()
+    outcomes = [reference_sample_step(model, parameters, s, state, config, tokens, torch.bool) for s in samples]
+    return outcomes, state, [parameter.grad.clone() for parameter in parameters]
+
+
+def run_fast(model, samples, config: StepConfig, tokens: float, **options):
+    model.zero_grad(set_to_none=True)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    state = fresh_state()
+    outcomes, left = fast_batch_step(fast_step_layout(model), samples, state, config, tokens, **options)
+    return outcomes, left, state, [parameter.grad.clone() for parameter in parameters]
+
+
+def summary(outcomes) -> list:
+    return [(o.index, o.num_answer_tokens, [(c.modality, c.stride, c.kept) for c in o.copies]) for o in outcomes]
+
+
+@pytest.fixture(scope="module", params=[*FAMILIES, "llava-checkpointing"])
+def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
+    family = request.param.split("-")[0]
+    template, _ = FAMILIES[family]
+    batch, tokenizer = llamafactory_batch(
+        tiny_models[family], template, cmkp_workspace, tmp_path_factory.mktemp(family), size=BATCH
+    )
+    batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
+    model = lora_model(tiny_models[family], family, checkpointing="checkpointing" in request.param)
+    samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(BATCH)))
+    tokens = float(sum(sample.num_answer_tokens for sample in samples))
+    # thresholds between observed cosines, so that some copies are kept and some dropped
+    observed, _, _ = run_reference(model, samples, StepConfig(["text", "image"], {"text": 0.0, "image": 0.0}), tokens)
+    cosines = {m: sorted(c.cosine for o in observed for c in o.copies if c.modality == m) for m in ("text", "image")}
+    thresholds = {modality: (values[0] + values[1]) / 2 for modality, values in cosines.items()}
+    return model, samples, StepConfig(["text", "image"], thresholds), tokens
+
+
+def test_fast_step_equals_the_reference_step(case) -> None:
+    model, samples, config, tokens = case
+    expected, expected_state, expected_grads = run_reference(model, samples, config, tokens)
+    outcomes, left, state, grads = run_fast(model, samples, config, tokens)
+
+    assert left == []
+    assert summary(outcomes) == summary(expected)
+    assert any(not c.kept for o in outcomes for c in o.copies) and any(c.kept for o in outcomes for c in o.copies)
+    for fast, reference in zip(outcomes, expected, strict=True):
+        assert [c.cosine for c in fast.copies] == pytest.approx([c.cosine for c in reference.copies], abs=1e-10)
+        assert fast.original_loss_sum == pytest.approx(reference.original_loss_sum, rel=1e-10)
+        assert fast.updates == reference.updates
+    assert state.to_dict() == expected_state.to_dict()
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert any("merger" in n or "multi_modal_projector" in n for n in names) and any("lm_head" in n for n in names)
+    for name, fast_grad, reference_grad in zip(names, grads, expected_grads, strict=True):
+        torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-9, atol=1e-13, msg=name)
+
+
+def test_fast_step_adds_to_the_gradient_already_there(case) -> None:
+    """Gradient accumulation: a later micro-batch adds its share to what earlier ones left in ``.grad``."""
+    model, samples, config, tokens = case
+    _, _, _, expected = run_fast(model, samples, config, tokens)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in parameters:
+        parameter.grad = torch.ones_like(parameter)
+    fast_batch_step(fast_step_layout(model), samples, fresh_state(), config, tokens)
+    for parameter, single in zip(parameters, expected, strict=True):
+        torch.testing.assert_close(parameter.grad, single + 1, rtol=1e-9, atol=1e-13)
+
+
+def test_one_row_per_forward_gives_the_same_result(case) -> None:
+    """The grouping of rows into forward passes (padding, batching) does not change a number."""
+    model, samples, config, tokens = case
+    _, _, _, batched = run_fast(model, samples, config, tokens)
+    _, _, _, one_by_one = run_fast(model, samples, config, tokens, max_tokens_per_forward=1)
+    for first, second in zip(batched, one_by_one, strict=True):
+        torch.testing.assert_close(first, second, rtol=1e-9, atol=1e-13)
+
+
+def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None:
+    """When the text span runs up to the answer, the reference predicts the first answer token from a hidden token;
+    the fast step hands such a sample to the reference step, and the sum is still the all-reference result."""
+    model, samples, config, tokens = case
+    labels = samples[0].labels[0].tolist()
+    answer_start = next(index for index, label in enumerate(labels) if label != -100)
+    start = samples[0].spans.text[0]
+    start += (answer_start - start) % 2 == 0  # an odd length: at stride 2 the span's last token is hidden
+    changed = [replace(samples[0], spans=replace(samples[0].spans, text=list(range(start, answer_start))))]
+    changed += samples[1:]
+    _, _, expected_grads = run_reference(model, changed, config, tokens)
+
+    outcomes, left, state, _ = run_fast(model, changed, config, tokens)
+    assert left == [0] and [outcome.index for outcome in outcomes] == [1, 2, 3]
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    reference_sample_step(model, parameters, changed[0], state, config, tokens, torch.bool)
+    for parameter, expected in zip(parameters, expected_grads, strict=True):
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-9, atol=1e-13)
+
+
+def test_uncovered_trainable_parameters_are_named(tiny_models: dict) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["llava"])
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.endswith("norm.weight") and "language_model" in name
+    with pytest.raises(FastStepUnsupportedError, match=r"language_model\.layers\.0\.input_layernorm \(LlamaRMSNorm\)"):
+        fast_step_layout(model)
+
+
+TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
+
+
+@pytest.mark.parametrize("setup", list(TRAINING_SETUPS))
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_five_optimizer_steps_match_the_reference(
+    family: str, setup: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+) -> None:
+    batch, accumulation = TRAINING_SETUPS[setup]
+    outputs = {}
+    for impl in ("reference", "fast"):
+        outputs[impl] = tmp_path / impl
+        config = aimkp_config(
+            tiny_models[family],
+            FAMILIES[family][0],
+            cmkp_workspace,
+            outputs[impl],
+            aimkp_impl=impl,
+            aimkp_init_stride=2,
+            max_samples=2 * batch * accumulation,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            save_strategy="no",
+            aimkp_image_threshold=0.9,
+            optim="sgd",
+            learning_rate=0.05,
+        )
+        config["max_steps"] = 5
+        result = llamafactory_runner(config)
+        assert result.returncode == 0, result.stdout[-4000:]
+        if impl == "fast":
+            assert "reference step runs instead" not in result.stdout
+    assert_same_adapter(outputs["reference"], outputs["fast"], rtol=1e-5)
+    reference_state, fast_state = read_state(outputs["reference"]), read_state(outputs["fast"])
+    assert fast_state == reference_state
+
+
+def test_run_with_uncovered_parameters_warns_and_trains_with_the_reference(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+) -> None:
+    config = aimkp_config(
+        tiny_models["llava"], "llava", cmkp_workspace, tmp_path / "out", additional_target="lm_head,embed_tokens"
+    )
+    config.update(max_steps=2, save_strategy="no", max_samples=4)
+    result = llamafactory_runner(config)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "aimkp_impl: fast cannot run this model" in result.stdout
+    assert "embed_tokens" in result.stdout and "the reference step runs instead" in result.stdout
+    assert read_state(tmp_path / "out")["text_stride"]
