@@ -1,8 +1,8 @@
 """The fast AimKP step against the reference step (itself checked against the spec's ground truth).
 
 - One micro-batch in float64 on every tiny family: the same cosines, keep decisions, stride updates and ``.grad``
-  of every trainable parameter (LoRA, a trained projector, a trained ``lm_head``), with and without gradient
-  checkpointing.
+  of every trainable parameter (LoRA, a trained projector, a trained ``lm_head``; on LLaVA also with gradient
+  checkpointing, and with the whole vision tower trained).
 - ``llamafactory-cli train`` for 5 optimizer steps with ``aimkp_impl: fast`` and ``reference`` from the same seed
   (float32): the same adapter within 1e-5 relative and the same curriculum, at batch 1, batch 4 and gradient
   accumulation 2, on the tiny LLaVA and the tiny Qwen2-VL. The runs use SGD: the two paths sum in different orders,
@@ -37,8 +37,10 @@ STRIDES = [  # (text, image) per sample: both masked; frozen image; text only; i
 LANGUAGE_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def lora_model(path: Path, family: str, checkpointing: bool) -> torch.nn.Module:
-    """LoRA (random A and B) on the language model's linear layers, a trained projector and lm_head; float64."""
+def lora_model(path: Path, family: str, checkpointing: bool, vision: bool = False) -> torch.nn.Module:
+    """LoRA (random A and B) on the language model's linear layers, a trained projector and lm_head; float64.
+
+    ``vision``: the whole vision tower trains too (its per-copy gradients then come through the shared features)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
@@ -47,6 +49,10 @@ def lora_model(path: Path, family: str, checkpointing: bool) -> torch.nn.Module:
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_LINEAR, init_lora_weights=False)
     config.modules_to_save = [projector, "lm_head"]
     model = get_peft_model(model, config)
+    if vision:
+        for name, parameter in model.named_parameters():
+            if "vision_tower" in name:
+                parameter.requires_grad = True
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
@@ -81,7 +87,7 @@ def summary(outcomes) -> list:
     return [(o.index, o.num_answer_tokens, [(c.modality, c.stride, c.kept) for c in o.copies]) for o in outcomes]
 
 
-@pytest.fixture(scope="module", params=[*FAMILIES, "llava-checkpointing"])
+@pytest.fixture(scope="module", params=[*FAMILIES, "llava-checkpointing", "llava-vision"])
 def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
     family = request.param.split("-")[0]
     template, _ = FAMILIES[family]
@@ -89,7 +95,9 @@ def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pyt
         tiny_models[family], template, cmkp_workspace, tmp_path_factory.mktemp(family), size=BATCH
     )
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
-    model = lora_model(tiny_models[family], family, checkpointing="checkpointing" in request.param)
+    model = lora_model(
+        tiny_models[family], family, checkpointing="checkpointing" in request.param, vision="vision" in request.param
+    )
     samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(BATCH)))
     tokens = float(sum(sample.num_answer_tokens for sample in samples))
     # thresholds between observed cosines, so that some copies are kept and some dropped
