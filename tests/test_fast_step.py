@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from aimkp_plugin.method.fast_step import FastStepUnsupportedError, fast_batch_s
 from aimkp_plugin.method.state import CurriculumState, ModalityState
 from aimkp_plugin.method.step import StepConfig, reference_sample_step
 
+from .conftest import run_llamafactory
 from .test_aimkp_step import FAMILIES, llamafactory_batch
 from .test_aimkp_training import aimkp_config, assert_same_adapter, read_state
 
@@ -183,12 +186,12 @@ TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
 @pytest.mark.parametrize("setup", list(TRAINING_SETUPS))
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 def test_five_optimizer_steps_match_the_reference(
-    family: str, setup: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+    family: str, setup: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
     batch, accumulation = TRAINING_SETUPS[setup]
-    outputs = {}
-    for impl in ("reference", "fast"):
-        outputs[impl] = tmp_path / impl
+    outputs = {impl: tmp_path / impl for impl in ("reference", "fast")}
+
+    def train(impl: str) -> subprocess.CompletedProcess:
         config = aimkp_config(
             tiny_models[family],
             FAMILIES[family][0],
@@ -205,10 +208,13 @@ def test_five_optimizer_steps_match_the_reference(
             learning_rate=0.05,
         )
         config["max_steps"] = 5
-        result = llamafactory_runner(config)
+        return run_llamafactory(config, tmp_path / f"{impl}_config", OMP_NUM_THREADS="1")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # both runs side by side, one thread each
+        results = dict(zip(outputs, pool.map(train, outputs), strict=True))
+    for result in results.values():
         assert result.returncode == 0, result.stdout[-4000:]
-        if impl == "fast":
-            assert "reference step runs instead" not in result.stdout
+    assert "reference step runs instead" not in results["fast"].stdout
     assert_same_adapter(outputs["reference"], outputs["fast"], rtol=1e-5)
     reference_state, fast_state = read_state(outputs["reference"]), read_state(outputs["fast"])
     assert fast_state == reference_state
