@@ -37,6 +37,15 @@ class ModalitySpans:
         return [position for image in self.images for position in image.positions]
 
 
+def image_token_id_of(config: object) -> int | None:
+    """The image placeholder token id of a model config (LLaVA: ``image_token_index``, Qwen: ``image_token_id``)."""
+    for name in ("image_token_index", "image_token_id"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
 def contiguous_blocks(positions: Sequence[int]) -> list[list[int]]:
     blocks: list[list[int]] = []
     for position in positions:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data.cmkp import DEFAULT_INSTRUCTION
-from ..data.spans import ModalitySpans, contiguous_blocks, find_spans, square_grid
+from ..data.spans import ModalitySpans, contiguous_blocks, find_spans, image_token_id_of, square_grid
 from ..method.step import SampleInputs
 
 
@@ -38,14 +38,6 @@ class UnsupportedBatchError(ValueError):
 def register_instruction(instruction: str) -> None:
     """Make an instruction findable as the end anchor of the text span (called for every cmkp dataset loaded)."""
     _known_instructions.add(instruction)
-
-
-def image_token_id_of(config: Any) -> int | None:
-    for name in ("image_token_index", "image_token_id"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    return None
 
 
 class BatchSplitter:

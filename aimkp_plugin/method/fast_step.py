@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..data.spans import image_token_id_of
 from .filtering import cosine_from_products, keep_copy, variant_weight
 from .row_gradients import RowGradients
 from .state import CurriculumState
@@ -48,6 +48,7 @@ from .step import (
     StepConfig,
     hidden_for,
     planned_copies,
+    row_loss_sums,
     update_curriculum,
 )
 
@@ -91,6 +92,8 @@ def fast_step_layout(model: nn.Module) -> FastStepLayout:
         raise FastStepUnsupportedError(
             f"model_type {model_type} has no fast AimKP step (supported: {', '.join(FAST_MODEL_TYPES)})"
         )
+    if image_token_id_of(hf_model.config) is None:
+        raise FastStepUnsupportedError(f"model_type {model_type} has no image token id")
     vision_ids = {id(p) for module in vision_side(hf_model) for p in module.parameters()}
     parameters, linear_modules, vision_parameters, uncovered = [], [], [], []
     for name, module in hf_model.named_modules():
@@ -182,7 +185,7 @@ def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
 
 def padded_inputs(
     samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids``, ``labels``, ``attention_mask`` and ``position_ids`` of rows, right-padded to the longest."""
     length = max(len(row.keep) for row in rows)
     input_ids = torch.zeros(len(rows), length, dtype=torch.long, device=device)
@@ -201,15 +204,6 @@ def padded_inputs(
         attention_mask[index, :count] = 1
         position_ids[..., index, :count] = positions[index][..., 0, :].to(device)[..., keep.to(device)]
     return input_ids, labels, attention_mask, position_ids
-
-
-def row_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ over each row's answer tokens of the next-token cross-entropy, in float32 at least (as the reference)."""
-    shifted = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    losses = F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return losses.view(labels.shape[0], -1).sum(dim=1)
 
 
 def fast_batch_step(
@@ -262,16 +256,11 @@ def fast_batch_step(
     return [outcomes[position] for position in sorted(outcomes)], reference
 
 
-def image_token_id_of(config: object) -> int:
-    for name in ("image_token_index", "image_token_id"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    raise FastStepUnsupportedError(f"model_type {getattr(config, 'model_type', None)} has no image token id")
-
-
-def feature_indices(samples: Sequence[SampleInputs], rows: Sequence[Row], image_token_id: int) -> list[torch.Tensor]:
-    """For each row, the indices into the micro-batch's image features of the image tokens it keeps, in order."""
+def feature_indices(
+    samples: Sequence[SampleInputs], rows: Sequence[Row], image_token_id: int
+) -> tuple[list[torch.Tensor], int]:
+    """For each row, the indices into the micro-batch's image features of the image tokens it keeps, in order; and
+    the number of image tokens in the micro-batch."""
     first, cursor, ordinals = [], 0, []
     for sample in samples:
         is_image = sample.model_inputs["input_ids"][0] == image_token_id
@@ -282,7 +271,7 @@ def feature_indices(samples: Sequence[SampleInputs], rows: Sequence[Row], image_
     for row in rows:
         ordinal = ordinals[row.sample][row.keep.to(ordinals[row.sample].device)]
         indices.append(first[row.sample] + ordinal[ordinal >= 0])
-    return indices
+    return indices, cursor
 
 
 def row_gradients(
@@ -302,12 +291,11 @@ def row_gradients(
     trains_vision = bool(layout.vision_parameters)
     with torch.set_grad_enabled(trains_vision):
         features = encode_images(model, samples, embedding.weight.dtype)
-    indices = feature_indices(samples, rows, image_token_id)
-    if (
-        features is not None
-        and sum(int((s.model_inputs["input_ids"] == image_token_id).sum()) for s in samples) != (features.shape[0])
-    ):
-        raise RuntimeError("aimkp fast step: the number of image tokens and of image features differ.")
+    indices, image_tokens = feature_indices(samples, rows, image_token_id)
+    if features is not None and image_tokens != features.shape[0]:
+        raise RuntimeError(
+            f"aimkp fast step: {image_tokens} image tokens in the micro-batch but {features.shape[0]} image features."
+        )
 
     # Autograd adds into an existing .grad in place: park the caller's gradients, let the backward passes below
     # write into fresh ones, and put the caller's back afterwards.

@@ -38,7 +38,7 @@ class RowGradients:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # filling
-    def add(self, parameter: nn.Parameter, rows: slice, per_row: torch.Tensor) -> None:
+    def add(self, parameter: nn.Parameter, rows: slice | torch.Tensor, per_row: torch.Tensor) -> None:
         """Add ``per_row`` (``(len(rows), *parameter.shape)``) into the rows' slots of ``parameter``."""
         start, stop = self.offsets[id(parameter)]
         self.flat[rows, start:stop] += per_row.reshape(per_row.shape[0], -1).to(self.flat.dtype)
@@ -105,8 +105,7 @@ class RowGradients:
         index = torch.tensor(rows, device=self.flat.device)
         for parameter, per_row in zip(parameters, per_parameter, strict=True):
             if per_row is not None:
-                start, stop = self.offsets[id(parameter)]
-                self.flat[index, start:stop] += per_row.reshape(len(rows), -1).to(self.flat.dtype)
+                self.add(parameter, index, per_row)
 
     # reading
     def gram(self) -> torch.Tensor:

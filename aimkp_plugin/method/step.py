@@ -109,16 +109,22 @@ def masked_inputs(sample: SampleInputs, hidden: list[int], dtype: torch.dtype) -
     return inputs
 
 
-def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ over answer tokens of the next-token cross-entropy, in float32 at least (float64 logits stay float64)."""
+def row_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over each row's answer tokens of the next-token cross-entropy, in float32 at least (float64 stays float64)."""
     shifted_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     shifted_labels = labels[:, 1:].to(shifted_logits.device)
-    return F.cross_entropy(
+    losses = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
+        reduction="none",
     )
+    return losses.view(labels.shape[0], -1).sum(dim=1)
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over all answer tokens of the next-token cross-entropy (one sample: its row of :func:`row_loss_sums`)."""
+    return row_loss_sums(logits, labels).sum()
 
 
 def _gradients_of(loss: torch.Tensor, parameters: Sequence[torch.Tensor]) -> list[torch.Tensor]:
