@@ -201,15 +201,7 @@ def main() -> None:
             memory = {name: cuda_peak_bytes(step) for name, step in steps.items()}
         else:
             memory = {name: cpu_peak_bytes(name, stride, argv) for name in steps}
-        state = state_at(stride)
-        kept = {
-            modality: [
-                len(sample.spans.text) if modality == "text" else len(sample.spans.image_positions)
-                for sample in samples
-            ]
-            for modality in ("text", "image")
-        }
-        rows, _ = plan_rows(samples, state, config)
+        rows, _ = plan_rows(samples, state_at(stride), config)
         results[f"stride_{stride}"] = {
             "row_lengths_fast": {
                 name: [len(row.keep) for row in rows if row.name == name] for name in ("original", "text", "image")
@@ -233,8 +225,8 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "batch": options.batch,
                 "sequence_lengths": [int(sample.model_inputs["input_ids"].shape[1]) for sample in samples],
-                "image_tokens_per_sample": kept["image"],
-                "text_tokens_per_sample": kept["text"],
+                "image_tokens_per_sample": [len(sample.spans.image_positions) for sample in samples],
+                "text_tokens_per_sample": [len(sample.spans.text) for sample in samples],
                 "answer_tokens": tokens,
                 "trainable_parameters": sum(parameter.numel() for parameter in parameters),
                 "repeats": options.repeats,
