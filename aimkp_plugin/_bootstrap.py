@@ -1,29 +1,18 @@
 """Interpreter-start bootstrap, run by ``aimkp_plugin.pth`` in every Python process of the environment.
 
-It only installs a post-import finder on ``sys.meta_path`` (using nothing but ``sys``), so a program that never
-imports LLaMA-Factory pays one module import and nothing else. When one of ``HOOKED_MODULES`` finishes executing,
-``aimkp_plugin.integration.patches.on_module_imported`` patches it. This reaches ``llamafactory-cli train``, the
-torchrun children of ``FORCE_TORCHRUN=1``, LlamaBoard and the training process it starts, none of which offers a
-plugin API. Any error in a patch is printed as one line and never propagates into the importing program.
+It only installs a post-import finder on ``sys.meta_path`` (using nothing but ``sys`` and the import-free table of
+hooked modules), so a program that never imports LLaMA-Factory pays two small module imports and nothing else. When
+one of ``HOOKED_MODULES`` finishes executing, ``aimkp_plugin.integration.patching.on_module_imported`` patches it.
+This reaches ``llamafactory-cli train``, the torchrun children of ``FORCE_TORCHRUN=1``, LlamaBoard and the training
+process it starts, none of which offers a plugin API. Any error in a patch is printed as one line and never
+propagates into the importing program.
 """
 
 import sys
 
+from aimkp_plugin.integration.touch_points import HOOKED_MODULES  # the touch-point table; imports nothing
 
-HOOKED_MODULES = frozenset(
-    {
-        "llamafactory.hparams.parser",
-        "llamafactory.data.parser",
-        "llamafactory.data.converter",
-        "llamafactory.data.loader",
-        "llamafactory.train.tuner",
-        "llamafactory.train.sft.workflow",
-        "llamafactory.webui.common",
-        "llamafactory.webui.locales",
-        "llamafactory.webui.runner",
-        "llamafactory.webui.components.train",
-    }
-)
+
 FINDER_MARKER = "_aimkp_post_import_finder"
 
 
@@ -76,7 +65,7 @@ class PostImportFinder:
 
 def _run_patches(module):
     try:
-        from aimkp_plugin.integration.patches import on_module_imported
+        from aimkp_plugin.integration.patching import on_module_imported
 
         on_module_imported(module)
     except Exception as err:  # a broken plugin must never break the program importing LLaMA-Factory

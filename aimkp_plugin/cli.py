@@ -1,6 +1,7 @@
 """The ``aimkp`` command: tiny offline models, the demo dataset, and an activation check.
 
 aimkp models tiny --out build/tiny [--name llava ...] [--force]
+aimkp models families
 aimkp data demo --out data/demo
 aimkp doctor
 """
@@ -25,6 +26,32 @@ def _models_tiny(options: argparse.Namespace) -> int:
         path = build_tiny_model(name, Path(options.out) / name, force=options.force)
         print(f"{name}: {path}")
     return 0
+
+
+def _models_families(options: argparse.Namespace) -> int:
+    from .families import FAMILIES
+
+    print(families_markdown(FAMILIES))
+    return 0
+
+
+def families_markdown(families) -> str:
+    """The README's "Supported models" table, from the family table."""
+    lines = [
+        "| family (`model_type`) | LLaMA-Factory template | image grid | what an image copy masks | positions | fast "
+        "step | tiny model |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family in families:
+        tiny = ", ".join(f"`{spec.name}`" for spec in family.tiny_models)
+        templates = ", ".join(f"`{template}`" for template in family.templates)
+        fast = "yes" if family.has_fast_step else "no"
+        description = family.description
+        lines.append(
+            f"| `{'`, `'.join(family.model_types)}` | {templates} | {description.grid} | {description.masked} | "
+            f"{description.positions} | {fast} | {tiny} |"
+        )
+    return "\n".join(lines)
 
 
 def _data_demo(options: argparse.Namespace) -> int:
@@ -73,7 +100,7 @@ def _compare(options: argparse.Namespace) -> int:
 def _doctor(options: argparse.Namespace) -> int:
     """Report whether the ``.pth`` activation is installed and the patches apply in a fresh LLaMA-Factory import."""
     from . import __version__
-    from .integration import patches
+    from .integration import patching
 
     pth = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
     finder = any(getattr(item, "_aimkp_post_import_finder", False) for item in sys.meta_path)
@@ -84,9 +111,9 @@ def _doctor(options: argparse.Namespace) -> int:
         "disabled": os.environ.get("AIMKP_PLUGIN_DISABLE") or None,
     }
     try:
-        report["llamafactory"] = patches.installed_llamafactory_version()
-        report["llamafactory_problem"] = patches.llamafactory_version_problem(report["llamafactory"])
-        status = patches.apply_aimkp_to_llamafactory()
+        report["llamafactory"] = patching.installed_llamafactory_version()
+        report["llamafactory_problem"] = patching.llamafactory_version_problem(report["llamafactory"])
+        status = patching.apply_aimkp_to_llamafactory()
         report.update(applied=status.applied, failed=status.failed, inactive_reason=status.inactive_reason)
     except ImportError as err:
         report["llamafactory"] = None
@@ -108,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--name", nargs="+", choices=list(TINY_MODELS), default=list(TINY_MODELS), help="Models.")
     tiny.add_argument("--force", action="store_true", help="Rebuild even if a matching build exists.")
     tiny.set_defaults(run=_models_tiny)
+    families = models.add_parser("families", help="The supported model families, as a markdown table.")
+    families.set_defaults(run=_models_families)
 
     data = commands.add_parser("data", help="Build datasets.").add_subparsers(dest="what", required=True)
     demo = data.add_parser("demo", help="The demo CMKP dataset: real tiny CMKP records plus generated images.")

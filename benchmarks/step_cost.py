@@ -1,15 +1,16 @@
 """Cost of one AimKP training step (reference and fast) against one plain SFT step, with the real 24×24 image grid.
 
-    python benchmarks/step_cost.py [--model llava-576|qwen2vl] [--batch 4] [--strides 2,4] [--repeats 5]
-                                   [--device cpu|cuda] [--bf16]
+    python benchmarks/step_cost.py [--model llava-576|qwen2vl|qwen2_5vl|qwen3vl|internvl] [--batch 4]
+                                   [--strides 2,4] [--repeats 5] [--device cpu|cuda] [--bf16]
 
 All steps run on the same LoRA model, built by LLaMA-Factory's own loader as in training (LoRA r8 on all linear
 layers of the language model, the projector trained through ``additional_target``, gradient checkpointing on), and
-the same batch of demo CMKP posts with 576 image tokens each (Qwen2-VL: images resized to 672×672, 24×24 merged
-tokens). The plain step is one forward/backward of the padded batch; the AimKP steps run every sample at text and
-image stride γ (the original plus two masked copies per sample). Steps are interleaved so all see the same machine
-noise; the ratios come from this one run. Peak memory: on CUDA the allocator's peak per step; on CPU the resident
-set's high-water mark of a forked child running that step alone, above the child's start.
+the same batch of demo CMKP posts with 576 image tokens each (Qwen2-VL, Qwen2.5-VL: images resized to 672×672, 24×24
+merged tokens; Qwen3-VL: 768×768 with patch 16, 24×24 merged tokens; InternVL: one 448 px tile of 16×16 = 256
+tokens, InternVL's own size). The plain step is one forward/backward of the padded batch; the AimKP steps run every
+sample at text and image stride γ (the original plus two masked copies per sample). Steps are interleaved so all see
+the same machine noise; the ratios come from this one run. Peak memory: on CUDA the allocator's peak per step; on CPU
+the resident set's high-water mark of a forked child running that step alone, above the child's start.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from pathlib import Path
 import torch
 
 
-MODELS = {  # benchmark name -> (tiny model, template, trained projector, extra LLaMA-Factory keys)
-    "llava-576": ("llava-576", "llava", "multi_modal_projector", {}),
-    "qwen2vl": ("qwen2vl", "qwen2_vl", "visual.merger", {"image_min_pixels": 672 * 672}),
+MODELS = {  # benchmark name -> (tiny model, extra LLaMA-Factory keys); template and projector from its family
+    "llava-576": ("llava-576", {}),
+    "qwen2vl": ("qwen2vl", {"image_min_pixels": 672 * 672}),
+    "qwen2_5vl": ("qwen2_5vl", {"image_min_pixels": 672 * 672}),
+    "qwen3vl": ("qwen3vl", {"image_min_pixels": 768 * 768}),
+    "internvl": ("internvl-448", {}),
 }
 
 
@@ -40,9 +44,15 @@ def build(workdir: Path, name: str, batch_size: int, device: str, bf16: bool):
     from llamafactory.model import load_model, load_tokenizer
 
     from aimkp_plugin.data.demo import build_demo_dataset
-    from aimkp_plugin.models.tiny import build_tiny_model
+    from aimkp_plugin.families import FAMILY_TABLE
+    from aimkp_plugin.integration.patching import apply_aimkp_to_llamafactory
 
-    tiny, template_name, projector, extra = MODELS[name]
+    apply_aimkp_to_llamafactory()  # a no-op under the .pth activation; needed where the package is only on the path
+    from aimkp_plugin.models.tiny import TINY_MODELS, build_tiny_model
+
+    tiny, extra = MODELS[name]
+    template_name = TINY_MODELS[tiny].template
+    projector = FAMILY_TABLE[TINY_MODELS[tiny].family].projector
     repo = Path(__file__).resolve().parents[1]
     model_path = build_tiny_model(tiny, repo / "build" / "tiny" / tiny)
     data = build_demo_dataset(workdir / "demo")
@@ -111,15 +121,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bf16 compute (as LLaMA-Factory's bf16: true)")
     parser.add_argument("--max-tokens", type=int, default=0, help="aimkp_fast_max_tokens (0: the batch's padded size)")
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)  # internal: "method:stride"
     options = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
 
+    from aimkp_plugin.families import family_for
     from aimkp_plugin.integration.batches import BatchSplitter
     from aimkp_plugin.method.fast_step import fast_batch_step, fast_step_layout, plan_rows
     from aimkp_plugin.method.state import CurriculumState, ModalityState
-    from aimkp_plugin.method.step import StepConfig, reference_sample_step
+    from aimkp_plugin.method.step import reference_sample_step
+    from aimkp_plugin.method.types import StepConfig
 
     with tempfile.TemporaryDirectory() as workdir:
         model, batch, tokenizer = build(Path(workdir), options.model, options.batch, options.device, options.bf16)
@@ -127,7 +140,7 @@ def main() -> None:
     samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(options.batch)))
     config = StepConfig(modalities=["text", "image"], thresholds={"text": 0.1, "image": 0.4})
     tokens = sum(sample.num_answer_tokens for sample in samples)
-    layout = fast_step_layout(model)
+    layout = fast_step_layout(model, family_for(model.config.model_type))
     autocast = torch.autocast(options.device, dtype=torch.bfloat16, enabled=options.bf16)
     mask_dtype = torch.bool
 
@@ -215,28 +228,28 @@ def main() -> None:
             "peak_mem_fast_over_sft": round(memory["fast"] / max(memory["plain_sft"], 1), 3),
         }
     device_name = torch.cuda.get_device_name() if options.device == "cuda" else "cpu"
-    print(
-        json.dumps(
-            {
-                "model": f"tiny {options.model} (hidden 64, 2 layers, 576 image tokens per post), LoRA r8 on all "
-                "linear layers + trained projector",
-                "device": device_name,
-                "dtype": "bfloat16" if options.bf16 else "float32",
-                "threads": torch.get_num_threads(),
-                "batch": options.batch,
-                "sequence_lengths": [int(sample.model_inputs["input_ids"].shape[1]) for sample in samples],
-                "image_tokens_per_sample": [len(sample.spans.image_positions) for sample in samples],
-                "text_tokens_per_sample": [len(sample.spans.text) for sample in samples],
-                "answer_tokens": tokens,
-                "trainable_parameters": sum(parameter.numel() for parameter in parameters),
-                "repeats": options.repeats,
-                **results,
-                "python": sys.version.split()[0],
-                "torch": torch.__version__,
-            },
-            indent=2,
-        )
+    report = json.dumps(
+        {
+            "model": f"tiny {options.model} (hidden 64, 2 layers), LoRA r8 on all linear layers + trained projector",
+            "device": device_name,
+            "dtype": "bfloat16" if options.bf16 else "float32",
+            "threads": torch.get_num_threads(),
+            "batch": options.batch,
+            "sequence_lengths": [int(sample.model_inputs["input_ids"].shape[1]) for sample in samples],
+            "image_tokens_per_sample": [len(sample.spans.image_positions) for sample in samples],
+            "text_tokens_per_sample": [len(sample.spans.text) for sample in samples],
+            "answer_tokens": tokens,
+            "trainable_parameters": sum(parameter.numel() for parameter in parameters),
+            "repeats": options.repeats,
+            **results,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+        },
+        indent=2,
     )
+    print(report)
+    if options.out:
+        Path(options.out).write_text(report + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ SHARED = Path(os.environ.get("AIMKP_SHARED_DIR", REPO.parent / "shared"))
 CMKP = SHARED / "data" / "cmkp"
 VENV_BIN = Path(sys.executable).parent
 TINY_DIR = BUILD / "tiny"
+WIDE_IMAGE = (224, 96)  # Qwen3-VL: a 3×7 merged grid; InternVL: 3 tiles of 112 px plus a thumbnail
 JSON_SUBSET = 24  # AimKP-JSON records (from the real validation split) used in the workspace
 
 
@@ -58,7 +59,7 @@ def cmkp_data() -> Path:
 def tiny_models() -> dict[str, Path]:
     from aimkp_plugin.models.tiny import build_tiny_models
 
-    return build_tiny_models(TINY_DIR, ["llava", "qwen2vl", "qwen2_5vl"])
+    return build_tiny_models(TINY_DIR, ["llava", "qwen2vl", "qwen2_5vl", "qwen3vl", "internvl"])
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +87,7 @@ def cmkp_workspace(tmp_path_factory: pytest.TempPathFactory, cmkp_data: Path) ->
     ]
     posts += [post for _, post in iter_records(root / "json" / "valid_subset.json")]
     write_post_images(posts, root / "images")
+    write_post_images(posts, root / "images_wide", size=WIDE_IMAGE)  # non-square grids, tiled images
     info = {
         "raw_train": {"file_name": "raw/train_src.txt", "formatting": "cmkp"},
         "raw_test": {"file_name": "raw/test_src.txt", "formatting": "cmkp"},

@@ -65,15 +65,23 @@ def test_plain_python_start_imports_nothing_heavy() -> None:
     result = run_python(
         """
         import json, sys
+        table = ("aimkp_plugin.integration", "aimkp_plugin.integration.touch_points")  # the import-free table
         heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "llamafactory", "transformers")
-                       or name.startswith(("aimkp_plugin.integration", "aimkp_plugin.config", "importlib.util")))
+                       or name.startswith(("aimkp_plugin.integration", "aimkp_plugin.config", "importlib.util"))
+                       and name not in table)
         ours = sorted(name for name in sys.modules if name.startswith("aimkp_plugin"))
         finder = any(getattr(item, "_aimkp_post_import_finder", False) for item in sys.meta_path)
         print(json.dumps({"heavy": heavy, "ours": ours, "finder": finder}))
         """
     )
     report = json.loads(result.stdout)
-    assert report == {"heavy": [], "ours": ["aimkp_plugin", "aimkp_plugin._bootstrap"], "finder": True}
+    ours = [
+        "aimkp_plugin",
+        "aimkp_plugin._bootstrap",
+        "aimkp_plugin.integration",
+        "aimkp_plugin.integration.touch_points",
+    ]
+    assert report == {"heavy": [], "ours": ours, "finder": True}
 
 
 def test_doctor_reports_every_patch_applied() -> None:
@@ -88,21 +96,21 @@ def test_patches_are_idempotent_and_revertible() -> None:
     from llamafactory.data import converter, loader
     from llamafactory.hparams import parser
 
-    from aimkp_plugin.integration import patches
+    from aimkp_plugin.integration import patching
 
-    patches.apply_aimkp_to_llamafactory()
+    patching.apply_aimkp_to_llamafactory()
     patched = parser.read_args
-    assert getattr(patched, patches.PATCH_MARKER) == "read_args"
-    assert not hasattr(patched.__wrapped__, patches.PATCH_MARKER)  # wrapped exactly once
-    patches.apply_aimkp_to_llamafactory()
+    assert getattr(patched, patching.PATCH_MARKER) == "read_args"
+    assert not hasattr(patched.__wrapped__, patching.PATCH_MARKER)  # wrapped exactly once
+    patching.apply_aimkp_to_llamafactory()
     assert parser.read_args is patched and "cmkp" in converter.DATASET_CONVERTERS
     try:
-        patches.revert_all()
-        assert not hasattr(parser.read_args, patches.PATCH_MARKER)
-        assert not hasattr(loader._load_single_dataset, patches.PATCH_MARKER)
+        patching.revert_all()
+        assert not hasattr(parser.read_args, patching.PATCH_MARKER)
+        assert not hasattr(loader._load_single_dataset, patching.PATCH_MARKER)
     finally:
-        patches.apply_aimkp_to_llamafactory()
-    assert getattr(parser.read_args, patches.PATCH_MARKER) == "read_args"
+        patching.apply_aimkp_to_llamafactory()
+    assert getattr(parser.read_args, patching.PATCH_MARKER) == "read_args"
 
 
 def test_disable_switch_turns_the_plugin_off_but_never_trains_without_aimkp(tmp_path: Path) -> None:
@@ -121,11 +129,11 @@ def test_disable_switch_turns_the_plugin_off_but_never_trains_without_aimkp(tmp_
 def test_failing_patch_prints_one_line_and_aimkp_refuses_to_train() -> None:
     result = run_python(
         """
-        import aimkp_plugin.integration.patches as patches
+        import aimkp_plugin.integration.patching as patching
         def _patch_broken(module):
             raise AttributeError("module has no attribute 'DatasetConverter'")
-        registry = patches._patches
-        patches._patches = lambda: {**registry(), "llamafactory.data.converter": (_patch_broken,)}
+        original = patching.registry
+        patching.registry = lambda *names: {**original(*names), "llamafactory.data.converter": (_patch_broken,)}
         """,
         TRY_AIMKP_RUN,
     )
@@ -141,8 +149,8 @@ def test_failing_patch_prints_one_line_and_aimkp_refuses_to_train() -> None:
 def test_unsupported_llamafactory_version_is_named_with_the_fix() -> None:
     result = run_python(
         """
-        import aimkp_plugin.integration.patches as patches
-        patches.installed_llamafactory_version = lambda: "0.9.4"
+        import aimkp_plugin.integration.patching as patching
+        patching.installed_llamafactory_version = lambda: "0.9.4"
         """,
         TRY_AIMKP_RUN,
     )

@@ -18,12 +18,21 @@ import torch
 from aimkp_plugin.data.cmkp import iter_records
 from aimkp_plugin.integration.batches import BatchSplitter
 from aimkp_plugin.method.state import CurriculumState, ModalityState, next_modality_state
-from aimkp_plugin.method.step import StepConfig, reference_sample_step
+from aimkp_plugin.method.step import reference_sample_step
+from aimkp_plugin.method.types import StepConfig
 
 from .conftest import llamafactory_data
 
 
-FAMILIES = {"llava": ("llava", 2), "qwen2vl": ("qwen2_vl", 2), "qwen2_5vl": ("qwen2_vl", 2)}
+# tiny model -> (LLaMA-Factory template, image folder of the workspace): Qwen3-VL and InternVL read wide pictures, so
+# that their grids are not square (3×7 merged tokens) and their images are tiled (tiles plus a thumbnail)
+FAMILIES = {
+    "llava": ("llava", "images"),
+    "qwen2vl": ("qwen2_vl", "images"),
+    "qwen2_5vl": ("qwen2_vl", "images"),
+    "qwen3vl": ("qwen3_vl_nothink", "images_wide"),
+    "internvl": ("intern_vl", "images_wide"),
+}
 STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with text 3; text off, image 8
     (ModalityState(2), ModalityState(2)),
     (ModalityState(3), ModalityState(4, frozen=True)),
@@ -31,16 +40,24 @@ STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with tex
 ]
 
 
-def llamafactory_batch(model_path: Path, template: str, workspace: Path, tmp_path: Path, size: int):
+def llamafactory_batch(
+    model_path: Path, template: str, workspace: Path, tmp_path: Path, size: int, images: str = "images"
+):
     """A real SFT batch of the first ``size`` raw test posts, built by LLaMA-Factory's own data pipeline."""
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask
 
     train, tokenizer_module, template_obj = llamafactory_data(
-        model_path, template, workspace, tmp_path / "out", dataset="raw_test", max_samples=size
+        model_path,
+        template,
+        workspace,
+        tmp_path / "out",
+        dataset="raw_test",
+        max_samples=size,
+        media_dir=str(workspace / images),
     )
     features = [dict(train[index]) for index in range(size)]
     model = None
-    if template == "qwen2_vl":  # LLaMA-Factory's collator computes the m-rope positions with the model
+    if template.startswith("qwen"):  # LLaMA-Factory's collator computes the m-rope positions with the model
         from transformers import AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(model_path)
@@ -60,17 +77,48 @@ def load_model(path: Path, attention: str) -> torch.nn.Module:
     return model.train()
 
 
-def spec_hidden(ids: list[int], text: list[int], image: list[int], grid: tuple[int, int], modality: str, stride: int):
-    """Hidden positions straight from the spec's formulas."""
+def spec_hidden(text: list[int], grids: list[list[int]], grid_shape: tuple[int, int], modality: str, stride: int):
+    """Hidden positions straight from the spec's formulas; ``grids`` holds the row-major positions of each grid (one
+    per InternVL tile), every grid ``grid_shape``; each applies the rule on its own."""
     if modality == "text":
         keep = {p for p in range(len(text)) if (p + 1) % stride == 0} or {len(text) - 1}
         return [position for offset, position in enumerate(text) if offset not in keep]
-    rows, cols = grid
-    keep = {
-        r * cols + c for r in range(rows) for c in range(cols) if r % stride == stride - 1 and c % stride == stride - 1
+    rows, cols = grid_shape
+    hidden = []
+    for positions in grids:
+        keep = {
+            r * cols + c
+            for r in range(rows)
+            for c in range(cols)
+            if r % stride == stride - 1 and c % stride == stride - 1
+        }
+        keep = keep or {rows * cols - 1}
+        hidden += [position for offset, position in enumerate(positions) if offset not in keep]
+    return hidden
+
+
+def truth_layout(family: str, config, batch: dict, row: int, visible, image: list[int], pixel_offset: int):
+    """The model inputs of one sample and its image grids, read off the batch independently of the plugin:
+    ``(inputs without input_ids/labels, grids, grid shape, pixel rows used)``."""
+    if family == "llava":
+        side = math.isqrt(len(image))
+        return {"pixel_values": batch["pixel_values"][row : row + 1].double()}, [image], (side, side), 1
+    if family == "internvl":
+        per_tile = config.image_seq_length  # each tile: a square grid of tokens after the pixel shuffle
+        tiles = len(image) // per_tile
+        side = math.isqrt(per_tile)
+        inputs = {"pixel_values": batch["pixel_values"][pixel_offset : pixel_offset + tiles].double()}
+        grids = [image[tile * per_tile : (tile + 1) * per_tile] for tile in range(tiles)]
+        return inputs, grids, (side, side), tiles
+    merge = config.vision_config.spatial_merge_size
+    thw = batch["image_grid_thw"][row : row + 1]
+    patches = int(thw.prod())
+    inputs = {
+        "pixel_values": batch["pixel_values"][pixel_offset : pixel_offset + patches].double(),
+        "image_grid_thw": thw,
+        "position_ids": batch["position_ids"][:, row : row + 1][..., visible],
     }
-    keep = keep or {rows * cols - 1}
-    return [position for offset, position in enumerate(image) if offset not in keep]
+    return inputs, [image], (int(thw[0, 1]) // merge, int(thw[0, 2]) // merge), patches
 
 
 def ground_truth_gradient(model, inputs: dict, hidden: list[int], parameters) -> tuple[list[torch.Tensor], int]:
@@ -98,33 +146,26 @@ def flat(gradients: list[torch.Tensor]) -> torch.Tensor:
 def test_reference_step_matches_one_variant_at_a_time_ground_truth(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
-    template, merge = FAMILIES[family]
+    template, images = FAMILIES[family]
     path = tiny_models[family]
-    batch, tokenizer = llamafactory_batch(path, template, cmkp_workspace, tmp_path, size=3)
+    batch, tokenizer = llamafactory_batch(path, template, cmkp_workspace, tmp_path, size=3, images=images)
     posts = [post for _, post in iter_records(cmkp_workspace / "raw" / "test_src.txt")][:3]
 
     # ---- ground truth, sample by sample, variant by variant
     truth_model = load_model(path, "sdpa")  # eager attention would take its softmax in float32
     truth_parameters = [parameter for parameter in truth_model.parameters() if parameter.requires_grad]
-    image_id = truth_model.config.image_token_index if family == "llava" else truth_model.config.image_token_id
+    config = truth_model.config
+    image_id = config.image_token_index if family == "llava" else config.image_token_id
     pixel_offset = 0
-    truth = []
+    truth, layouts = [], []
     for row, post in enumerate(posts):
         visible = batch["attention_mask"][row].bool()
         ids = batch["input_ids"][row][visible]
-        inputs = {"input_ids": ids[None], "labels": batch["labels"][row][visible][None]}
         image = [index for index, token in enumerate(ids.tolist()) if token == image_id]
-        if family == "llava":
-            inputs["pixel_values"] = batch["pixel_values"][row : row + 1].double()
-            grid = (int(math.isqrt(len(image))),) * 2
-        else:
-            thw = batch["image_grid_thw"][row : row + 1]
-            patches = int(thw.prod())
-            inputs["pixel_values"] = batch["pixel_values"][pixel_offset : pixel_offset + patches].double()
-            inputs["image_grid_thw"] = thw
-            inputs["position_ids"] = batch["position_ids"][:, row : row + 1][..., visible]
-            pixel_offset += patches
-            grid = (int(thw[0, 1]) // merge, int(thw[0, 2]) // merge)
+        extra, grids, grid, used = truth_layout(family, config, batch, row, visible, image, pixel_offset)
+        pixel_offset += used
+        layouts.append((len(grids), grid))
+        inputs = {"input_ids": ids[None], "labels": batch["labels"][row][visible][None], **extra}
         encoded = tokenizer.encode(post.text, add_special_tokens=False)
         start = next(i for i in range(len(ids)) if ids[i : i + len(encoded)].tolist() == encoded)
         text = list(range(start, start + len(encoded)))
@@ -132,7 +173,7 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         gradients["original"], n_tokens = ground_truth_gradient(truth_model, inputs, [], truth_parameters)
         for modality, state in zip(("text", "image"), STRIDES[row], strict=True):
             if state.stride > 1:
-                hidden = spec_hidden(ids.tolist(), text, image, grid, modality, state.stride)
+                hidden = spec_hidden(text, grids, grid, modality, state.stride)
                 gradients[modality], _ = ground_truth_gradient(truth_model, inputs, hidden, truth_parameters)
         cosines = {
             name: float(torch.nn.functional.cosine_similarity(flat(gradients["original"]), flat(g), dim=0))
@@ -140,6 +181,11 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
             if name != "original"
         }
         truth.append((gradients, n_tokens, cosines))
+
+    if family == "qwen3vl":
+        assert all(rows != cols for _, (rows, cols) in layouts), layouts  # non-square merged grids
+    if family == "internvl":
+        assert all(tiles > 1 for tiles, _ in layouts), layouts  # tiles plus a thumbnail
 
     # thresholds between observed cosines, so that some copies are kept and some dropped
     text_cosines = sorted(cos["text"] for _, _, cos in truth if "text" in cos)
@@ -182,10 +228,13 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hidden_tokens_do_not_influence_the_loss(family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
     """Perturbing a hidden token's embedding leaves a masked copy's loss unchanged; perturbing a kept one does not."""
-    from aimkp_plugin.method.step import hidden_for, masked_inputs, summed_cross_entropy
+    from aimkp_plugin.method.step import masked_inputs
+    from aimkp_plugin.method.variants import hidden_for, summed_cross_entropy
 
-    template, _ = FAMILIES[family]
-    batch, tokenizer = llamafactory_batch(tiny_models[family], template, cmkp_workspace, tmp_path, size=1)
+    template, images = FAMILIES[family]
+    batch, tokenizer = llamafactory_batch(
+        tiny_models[family], template, cmkp_workspace, tmp_path, size=1, images=images
+    )
     model = load_model(tiny_models[family], "sdpa").eval()
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
     sample = BatchSplitter(model.config, tokenizer).split(batch, [0])[0]
@@ -278,7 +327,7 @@ def test_sample_without_text_span_skips_that_modality(llava_sample) -> None:
 def test_nan_cosine_is_logged_once_and_counts_as_disagreement(caplog) -> None:
     from aimkp_plugin.config import AimkpArguments
     from aimkp_plugin.integration.callback import AimkpCallback
-    from aimkp_plugin.method.step import CopyOutcome, SampleOutcome
+    from aimkp_plugin.method.types import CopyOutcome, SampleOutcome
 
     callback = AimkpCallback(AimkpArguments(aimkp=True), ["a", "b"])
     for index in (0, 1):
@@ -295,3 +344,29 @@ def test_resume_from_a_checkpoint_without_state_fails_clearly(tmp_path: Path) ->
 
     with pytest.raises(FileNotFoundError, match="has no aimkp_state.json"):
         AimkpCallback(AimkpArguments(aimkp=True), ["a"]).restore(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl", "internvl"])
+def test_image_that_does_not_fit_the_family_layout_is_an_error(
+    family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """One image token too few (LLaVA, InternVL) or a wrong ``image_grid_thw`` (Qwen2-VL): the splitter names the
+    sample, the family and the counts instead of masking the image some other way."""
+    from transformers import AutoConfig
+
+    from aimkp_plugin.families import ImageLayoutError
+
+    template, images = FAMILIES[family]
+    batch, tokenizer = llamafactory_batch(tiny_models[family], template, cmkp_workspace, tmp_path, 1, images)
+    config = AutoConfig.from_pretrained(tiny_models[family])
+    if family == "qwen2vl":
+        batch["image_grid_thw"] = batch["image_grid_thw"] * torch.tensor([[1, 2, 1]])
+        expected = r"training sample 7, image 1: the qwen2_vl model family .* 4 image tokens, but image_grid_thw"
+    else:
+        image_id = getattr(config, "image_token_index", None) or config.image_token_id
+        first = int((batch["input_ids"][0] == image_id).nonzero()[0])
+        batch["input_ids"][0, first] = tokenizer.pad_token_id
+        count = int((batch["input_ids"][0] == image_id).sum())
+        expected = rf"training sample 7, image 1: the {family} model family .* {count} image tokens"
+    with pytest.raises(ImageLayoutError, match=expected):
+        BatchSplitter(config, tokenizer).split(batch, [7])

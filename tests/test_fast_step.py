@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from aimkp_plugin.families import family_for
 from aimkp_plugin.integration.batches import BatchSplitter
 from aimkp_plugin.method.fast_step import FastStepUnsupportedError, fast_batch_step, fast_step_layout
 from aimkp_plugin.method.state import CurriculumState, ModalityState
-from aimkp_plugin.method.step import StepConfig, reference_sample_step
+from aimkp_plugin.method.step import reference_sample_step
+from aimkp_plugin.method.types import StepConfig
 
 from .conftest import run_llamafactory
 from .test_aimkp_step import FAMILIES, llamafactory_batch
@@ -43,23 +45,28 @@ LANGUAGE_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|u
 def lora_model(path: Path, family: str, checkpointing: bool, vision: bool = False) -> torch.nn.Module:
     """LoRA (random A and B) on the language model's linear layers, a trained projector and lm_head; float64.
 
-    ``vision``: the whole vision tower trains too (its per-copy gradients then come through the shared features)."""
+    ``vision``: the whole vision tower trains too (its per-copy gradients then come through the shared features; on
+    Qwen3-VL also through the DeepStack features)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa")
-    projector = "multi_modal_projector" if family == "llava" else "merger"
+    projector = family_for(model.config.model_type).projector.split(".")[-1]  # multi_modal_projector, merger
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_LINEAR, init_lora_weights=False)
     config.modules_to_save = [projector, "lm_head"]
     model = get_peft_model(model, config)
     if vision:
         for name, parameter in model.named_parameters():
-            if "vision_tower" in name:
+            if "vision_tower" in name or ".visual." in name:
                 parameter.requires_grad = True
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     return model.train()
+
+
+def layout_of(model: torch.nn.Module):
+    return fast_step_layout(model, family_for(model.config.model_type))
 
 
 def fresh_state() -> CurriculumState:
@@ -82,7 +89,7 @@ def run_fast(model, samples, config: StepConfig, tokens: float, **options):
     model.zero_grad(set_to_none=True)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     state = fresh_state()
-    outcomes, left = fast_batch_step(fast_step_layout(model), samples, state, config, tokens, **options)
+    outcomes, left = fast_batch_step(layout_of(model), samples, state, config, tokens, **options)
     return outcomes, left, state, [parameter.grad.clone() for parameter in parameters]
 
 
@@ -90,12 +97,12 @@ def summary(outcomes) -> list:
     return [(o.index, o.num_answer_tokens, [(c.modality, c.stride, c.kept) for c in o.copies]) for o in outcomes]
 
 
-@pytest.fixture(scope="module", params=[*FAMILIES, "llava-checkpointing", "llava-vision"])
+@pytest.fixture(scope="module", params=[*FAMILIES, "llava-checkpointing", "llava-vision", "qwen3vl-vision"])
 def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
     family = request.param.split("-")[0]
-    template, _ = FAMILIES[family]
+    template, images = FAMILIES[family]
     batch, tokenizer = llamafactory_batch(
-        tiny_models[family], template, cmkp_workspace, tmp_path_factory.mktemp(family), size=BATCH
+        tiny_models[family], template, cmkp_workspace, tmp_path_factory.mktemp(family), size=BATCH, images=images
     )
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
     model = lora_model(
@@ -136,7 +143,7 @@ def test_fast_step_adds_to_the_gradient_already_there(case) -> None:
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     for parameter in parameters:
         parameter.grad = torch.ones_like(parameter)
-    fast_batch_step(fast_step_layout(model), samples, fresh_state(), config, tokens)
+    fast_batch_step(layout_of(model), samples, fresh_state(), config, tokens)
     for parameter, single in zip(parameters, expected, strict=True):
         torch.testing.assert_close(parameter.grad, single + 1, rtol=1e-9, atol=1e-13)
 
@@ -177,14 +184,14 @@ def test_uncovered_trainable_parameters_are_named(tiny_models: dict) -> None:
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.endswith("norm.weight") and "language_model" in name
     with pytest.raises(FastStepUnsupportedError, match=r"language_model\.layers\.0\.input_layernorm \(LlamaRMSNorm\)"):
-        fast_step_layout(model)
+        layout_of(model)
 
 
 TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
 
 
 @pytest.mark.parametrize("setup", list(TRAINING_SETUPS))
-@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2vl", "qwen3vl", "internvl"])
 def test_five_optimizer_steps_match_the_reference(
     family: str, setup: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
@@ -197,6 +204,7 @@ def test_five_optimizer_steps_match_the_reference(
             FAMILIES[family][0],
             cmkp_workspace,
             outputs[impl],
+            media_dir=str(cmkp_workspace / FAMILIES[family][1]),
             aimkp_impl=impl,
             aimkp_init_stride=2,
             max_samples=2 * batch * accumulation,

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from aimkp_plugin.data.spans import find_spans
+from aimkp_plugin.data.spans import answer_start_of, find_text_span, image_blocks
+from aimkp_plugin.families import family_for
 from aimkp_plugin.method.filtering import gradient_cosine, keep_copy
 from aimkp_plugin.method.masking import (
     hidden_positions,
@@ -16,6 +17,8 @@ from aimkp_plugin.method.masking import (
     visibility_attention_mask,
 )
 from aimkp_plugin.method.state import CurriculumState, ModalityState, StateMismatchError, next_modality_state
+from aimkp_plugin.method.types import ImageSpan, ModalitySpans, TokenGrid
+from aimkp_plugin.method.variants import hidden_for
 
 
 # ---------------------------------------------------------------- geometry
@@ -174,37 +177,65 @@ def test_state_round_trip_and_matching_by_fingerprint(tmp_path) -> None:
 # ---------------------------------------------------------------- spans
 
 
+def spans_of(ids: list[int], labels: list[int], image: int, skip: set[int], instructions, whitespace=()):
+    """Image blocks and the text span, as the batch splitter finds them."""
+    start = answer_start_of(labels)
+    blocks = image_blocks(ids, start, image)
+    text = find_text_span(
+        ids, start, blocks[-1][-1] if blocks else None, skip, instructions, set(whitespace).__contains__
+    )
+    return blocks, text
+
+
 def test_spans_llava_layout() -> None:
     image, newline, *instruction = 99, 5, 40, 41, 42
     ids = [1, 2, 3] + [image] * 4 + [7, 8, 9, newline] + instruction + [50, 51, 52]
     labels = [-100] * (len(ids) - 2) + [51, 52]
-    spans = find_spans(ids, labels, image, [(2, 2)], set(), [instruction], {newline}.__contains__)
-    assert spans.text == [7, 8, 9] and spans.instruction_found
-    assert spans.images[0].positions == [3, 4, 5, 6] and spans.images[0].grid == (2, 2)
+    blocks, text = spans_of(ids, labels, image, set(), [instruction], {newline})
+    assert text.positions == [7, 8, 9] and text.instruction_found
+    assert blocks == [[3, 4, 5, 6]]
+    span = family_for("llava").image_span(None, blocks[0], {})
+    assert span.grid == (2, 2) and span.grids[0].positions == (3, 4, 5, 6)
 
 
 def test_spans_qwen_layout_skips_vision_end_and_finds_several_images() -> None:
     pad, start, end = 99, 97, 98
     ids = [1, start, pad, pad, end, start, pad, pad, pad, end, 7, 8, 40, 41, 60, 61]
     labels = [-100] * 15 + [61]
-    spans = find_spans(ids, labels, pad, [(1, 2), (1, 3)], {end}, [[40, 41]], set().__contains__)
-    assert [image.positions for image in spans.images] == [[2, 3], [6, 7, 8]]
-    assert spans.text == [10, 11]
+    blocks, text = spans_of(ids, labels, pad, {end}, [[40, 41]])
+    assert blocks == [[2, 3], [6, 7, 8]]
+    assert text.positions == [10, 11]
 
 
 def test_spans_without_instruction_run_to_the_answer() -> None:
-    ids = [9, 9, 7, 8, 60]
-    spans = find_spans(ids, [-100, -100, -100, -100, 60], 9, None, set(), [[40]], set().__contains__)
-    assert spans.text == [2, 3] and not spans.instruction_found and spans.images[0].grid is None
+    blocks, text = spans_of([9, 9, 7, 8, 60], [-100, -100, -100, -100, 60], 9, set(), [[40]])
+    assert text.positions == [2, 3] and not text.instruction_found and blocks == [[0, 1]]
 
 
 def test_spans_without_instruction_stop_at_the_template_special_token() -> None:
     pad, end, im_end = 99, 98, 90
     ids = [1, pad, end, 7, 8, im_end, 5, 60]
-    spans = find_spans(ids, [-100] * 7 + [60], pad, None, {end, im_end}, [[40]], set().__contains__)
-    assert spans.text == [3, 4] and not spans.instruction_found
+    _, text = spans_of(ids, [-100] * 7 + [60], pad, {end, im_end}, [[40]])
+    assert text.positions == [3, 4] and not text.instruction_found
 
 
 def test_spans_without_image_have_no_text_anchor() -> None:
-    spans = find_spans([1, 2, 3, 4], [-100, -100, -100, 4], 9, None, set(), [[3]], set().__contains__)
-    assert spans.text == [] and spans.images == []
+    blocks, text = spans_of([1, 2, 3, 4], [-100, -100, -100, 4], 9, set(), [[3]])
+    assert text.positions == [] and blocks == []
+
+
+def test_generic_family_masks_every_gamma_th_image_token() -> None:
+    span = family_for("no_such_model").image_span(None, [3, 4, 5, 6, 7], {})
+    assert span.grids is None
+    spans = ModalitySpans(text=[], images=[span])
+    assert hidden_for(spans, "image", 2) == [3, 5, 7]
+
+
+def test_tiled_image_applies_the_rule_per_tile_and_leaves_other_image_tokens_visible() -> None:
+    """Two 2×2 tiles with a separator token between them: each tile keeps its (1, 1) cell at γ=2 and its last cell
+    at γ=4 (the rule keeps nothing there); the separator is never hidden."""
+    tiles = (TokenGrid(2, 2, (10, 11, 12, 13)), TokenGrid(2, 2, (15, 16, 17, 18)))
+    spans = ModalitySpans(images=[ImageSpan(list(range(10, 19)), tiles)])
+    assert hidden_for(spans, "image", 2) == [10, 11, 12, 15, 16, 17]
+    assert hidden_for(spans, "image", 4) == [10, 11, 12, 15, 16, 17]
+    assert 14 not in hidden_for(spans, "image", 8)

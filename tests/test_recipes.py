@@ -19,7 +19,7 @@ RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
 def test_all_expected_recipes_exist() -> None:
     names = {path.relative_to(REPO / "recipes").as_posix() for path in RECIPES}
-    for family in ("llava", "qwen2vl", "qwen2_5vl"):
+    for family in ("llava", "qwen2vl", "qwen2_5vl", "qwen3vl", "internvl"):
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names
         assert {f"predict_{family}_text_only.yaml", f"predict_{family}_image_only.yaml"} <= names
     assert {"demo/demo_llava_train.yaml", "demo/demo_llava_predict.yaml"} <= names
@@ -56,3 +56,11 @@ def test_dataset_info_lists_cmkp_splits_and_the_demo() -> None:
         assert info[f"cmkp_json_{split}"]["file_name"].endswith(f"{split}.json")
     assert {key: value for key, value in info.items() if key.startswith("cmkp_demo")} == demo_dataset_info("demo/")
     assert all(entry["formatting"] == "cmkp" for entry in info.values())
+
+
+def test_readme_lists_every_model_family() -> None:
+    """The README's "Supported models" table is the one ``aimkp models families`` prints from the family modules."""
+    from aimkp_plugin.cli import families_markdown
+    from aimkp_plugin.families import FAMILIES
+
+    assert families_markdown(FAMILIES) in (REPO / "README.md").read_text()

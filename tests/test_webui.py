@@ -212,11 +212,11 @@ print(json.dumps({"names": names, "warning": warning and warning.value,
                   "after": before and engine.manager.get_id_by_elem(before)}))
 """
 BREAK_A_PATCH = """
-import aimkp_plugin.integration.patches as patches
+import aimkp_plugin.integration.patching as patching
 def _patch_broken(module):
     raise AttributeError("no LOCALES")
-registry = patches._patches
-patches._patches = lambda: {**registry(), "llamafactory.webui.locales": (_patch_broken,)}
+original = patching.registry
+patching.registry = lambda *names: {**original(*names), "llamafactory.webui.locales": (_patch_broken,)}
 """
 
 

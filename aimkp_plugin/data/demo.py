@@ -38,15 +38,16 @@ def draw_post_image(post: CmkpPost, size: tuple[int, int] = IMAGE_SIZE):
     return image
 
 
-def write_post_images(posts: list[CmkpPost], image_dir: Path) -> int:
-    """Write one image per post (format from the file name), keeping existing ones; returns how many were new."""
+def write_post_images(posts: list[CmkpPost], image_dir: Path, size: tuple[int, int] = IMAGE_SIZE) -> int:
+    """Write one ``size`` image per post (format from the file name), keeping existing ones; returns how many were
+    new."""
     image_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     for post in posts:
         target = image_dir / post.image
         if target.exists():
             continue
-        draw_post_image(post).save(target, quality=95)  # PNG ignores quality
+        draw_post_image(post, size).save(target, quality=95)  # PNG ignores quality
         written += 1
     return written
 

@@ -1,49 +1,30 @@
-"""Modality spans: where the post text and the image tokens are inside the token ids actually fed to the model.
+"""Where the post text sits inside the token ids actually fed to the model.
 
-- Image tokens: the positions holding the model's image token id, in contiguous blocks (one per image). A block's
-  grid comes from the model family: LLaVA-1.5 a square grid (24×24 at 336 px), Qwen2-VL / Qwen2.5-VL
-  ``(grid_h / merge) × (grid_w / merge)`` from ``image_grid_thw``. Other layouts get no grid and are masked with a
-  1-D stride over their tokens (the documented fallback).
-- Text: the tokens after the last image token (and the special tokens closing the image) up to the instruction,
+- Image tokens: the positions holding the model's image token id before the answer, in contiguous blocks (one per
+  image). What grid a block forms is the model family's business (``aimkp_plugin.families``).
+- Text: the tokens after the last image block (and the special tokens closing the image) up to the instruction,
   found by its token ids; trailing whitespace-only tokens (the newline before the instruction) are left out. If the
-  instruction cannot be found, the span runs to the next special token or the first answer token (and the
-  caller is told). A sample
-  without image tokens has no anchor, so its text span is empty (neither modality is masked for it).
+  instruction cannot be found, the span runs to the next special token or the first answer token (and the caller is
+  told). A sample without image tokens has no anchor, so its text span is empty (neither modality is masked for it).
 
-Pure Python / torch; nothing here imports LLaMA-Factory.
+Pure Python; nothing here imports torch, a model family or LLaMA-Factory.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class ImageSpan:
+class TextSpan:
     positions: list[int]
-    grid: tuple[int, int] | None  # (rows, cols) of the LLM-side image tokens, or None for the 1-D fallback
+    instruction_found: bool
 
 
-@dataclass
-class ModalitySpans:
-    text: list[int] = field(default_factory=list)
-    images: list[ImageSpan] = field(default_factory=list)
-    instruction_found: bool = True
-
-    @property
-    def image_positions(self) -> list[int]:
-        return [position for image in self.images for position in image.positions]
-
-
-def image_token_id_of(config: object) -> int | None:
-    """The image placeholder token id of a model config (LLaVA: ``image_token_index``, Qwen: ``image_token_id``)."""
-    for name in ("image_token_index", "image_token_id"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    return None
+def answer_start_of(labels: Sequence[int], ignore_index: int = -100) -> int:
+    """The position of the first answer token (the length when there is none)."""
+    return next((index for index, label in enumerate(labels) if label != ignore_index), len(labels))
 
 
 def contiguous_blocks(positions: Sequence[int]) -> list[list[int]]:
@@ -54,6 +35,11 @@ def contiguous_blocks(positions: Sequence[int]) -> list[list[int]]:
         else:
             blocks.append([position])
     return blocks
+
+
+def image_blocks(input_ids: Sequence[int], answer_start: int, image_token_id: int) -> list[list[int]]:
+    """The contiguous runs of ``image_token_id`` before the answer: one per image, in order."""
+    return contiguous_blocks([index for index in range(answer_start) if input_ids[index] == image_token_id])
 
 
 def find_subsequence(sequence: Sequence[int], pattern: Sequence[int], start: int, end: int) -> int:
@@ -67,42 +53,24 @@ def find_subsequence(sequence: Sequence[int], pattern: Sequence[int], start: int
     return -1
 
 
-def square_grid(count: int) -> tuple[int, int] | None:
-    side = math.isqrt(count)
-    return (side, side) if side * side == count else None
-
-
-def find_spans(
+def find_text_span(
     input_ids: Sequence[int],
-    labels: Sequence[int],
-    image_token_id: int | None,
-    grids: Sequence[tuple[int, int] | None] | None,
+    answer_start: int,
+    last_image_token: int | None,
     skip_after_image: set[int],
     instructions: Sequence[Sequence[int]],
     is_whitespace: Callable[[int], bool],
-    ignore_index: int = -100,
-) -> ModalitySpans:
-    """Locate the text and image spans of one unpadded sample.
+) -> TextSpan:
+    """Locate the post text of one unpadded sample, anchored after ``last_image_token`` (None: no image, no span).
 
-    ``grids`` gives one grid per image block (None entries, or None for all, mean the 1-D fallback);
-    ``skip_after_image`` are special token ids (e.g. ``<|vision_end|>`` closing the image, ``<|im_end|>`` closing
-    the user turn); ``instructions`` are the
-    candidate token-id sequences of the instruction, tried in order; ``is_whitespace`` tells whether a token decodes
-    to whitespace only.
+    ``skip_after_image`` are special token ids (e.g. ``<|vision_end|>`` closing the image, ``<|im_end|>`` closing the
+    user turn); ``instructions`` are the candidate token-id sequences of the instruction, tried in order;
+    ``is_whitespace`` tells whether a token decodes to whitespace only.
     """
+    if last_image_token is None:  # the text is anchored on the image; without one its start is unknown
+        return TextSpan([], False)
     ids = list(input_ids)
-    answer_start = next((index for index, label in enumerate(labels) if label != ignore_index), len(ids))
-    image_positions = [
-        index for index in range(answer_start) if image_token_id is not None and ids[index] == image_token_id
-    ]
-    blocks = contiguous_blocks(image_positions)
-    images = [
-        ImageSpan(block, grids[number] if grids is not None and number < len(grids) else None)
-        for number, block in enumerate(blocks)
-    ]
-    if not blocks:  # the text is anchored on the image; without one its start is unknown
-        return ModalitySpans(text=[], images=[], instruction_found=False)
-    start = blocks[-1][-1] + 1
+    start = last_image_token + 1
     while start < answer_start and ids[start] in skip_after_image:
         start += 1
     end, found = answer_start, False
@@ -115,4 +83,4 @@ def find_spans(
         end = next((index for index in range(start, answer_start) if ids[index] in skip_after_image), answer_start)
     while end > start and is_whitespace(ids[end - 1]):
         end -= 1
-    return ModalitySpans(text=list(range(start, end)), images=images, instruction_found=found)
+    return TextSpan(list(range(start, end)), found)

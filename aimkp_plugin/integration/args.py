@@ -23,7 +23,7 @@ from ..config import (
     split_aimkp_argv,
     split_aimkp_keys,
 )
-from . import patches
+from . import patching
 
 
 _active_arguments: AimkpArguments | None = None
@@ -85,13 +85,13 @@ def _patch_hparams_parser_read_args(module: ModuleType) -> None:
             return args
         config, arguments = extract_aimkp_arguments(original(args))
         if arguments is not None and arguments.aimkp:
-            patches.require_active()
+            patching.require_active()
         set_active_arguments(arguments)
         if isinstance(config, dict):
             return _ParsedConfig(config)
         return _ParsedArgv(config) if isinstance(config, list) else config
 
-    patches.wrap_function(module, "read_args", "read_args", read_args)
+    patching.wrap_function(module, "read_args", "read_args", read_args)
 
 
 def _patch_hparams_parser_refuse_aimkp(module: ModuleType) -> None:
@@ -105,10 +105,10 @@ def _patch_hparams_parser_refuse_aimkp(module: ModuleType) -> None:
         config = original(args)
         ours, _ = split_aimkp_keys(config) if isinstance(config, dict) else split_aimkp_argv(list(config))
         if str(ours.get("aimkp", False)).strip().lower() in TRUE_STRINGS:
-            patches.require_active()
+            patching.require_active()
         return config
 
-    patches.wrap_function(module, "read_args", "read_args_refuse_aimkp", read_args)
+    patching.wrap_function(module, "read_args", "read_args_refuse_aimkp", read_args)
 
 
 def load_model_config(model_name_or_path: str, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -146,8 +146,8 @@ def _patch_train_tuner_training_function(module: ModuleType) -> None:
     def _training_function(original: Any, config: dict[str, Any]) -> Any:
         arguments = active_arguments()
         if arguments is not None and arguments.aimkp:
-            patches.require_active()
+            patching.require_active()
             check_before_training(config.get("args") or {}, arguments)
         return original(config)
 
-    patches.wrap_function(module, "_training_function", "training_function", _training_function)
+    patching.wrap_function(module, "_training_function", "training_function", _training_function)

@@ -1,12 +1,13 @@
 """From LLaMA-Factory's padded SFT batches to unpadded per-sample inputs with their modality spans.
 
-Batch layouts (``SFTDataCollatorWith4DAttentionMask``, llamafactory 0.9.5):
+Batch layouts (``SFTDataCollatorWith4DAttentionMask``, llamafactory 0.9.5): ``input_ids``, ``attention_mask`` (2-D
+0/1), ``labels``, ``pixel_values`` (the images' rows one after the other: how many rows an image takes is its model
+family's answer), per-image keys such as Qwen's ``image_grid_thw`` (one row per image), and for multimodal rope
+``position_ids`` (rows, B, L) with ``rope_deltas``.
 
-- LLaVA: ``input_ids``, ``attention_mask`` (2-D 0/1), ``labels``, ``pixel_values`` (one row per image);
-- Qwen2-VL / Qwen2.5-VL: also ``position_ids`` (4, B, L) or (3, B, L), ``rope_deltas``, ``image_grid_thw`` (one row
-  per image) and ``pixel_values`` (patches × features, images one after the other).
-
-Images belong to samples in order; each image is one contiguous block of image tokens in its sample.
+Images belong to samples in order; each image is one contiguous block of image tokens in its sample. The family
+(``aimkp_plugin.families``) turns each block into its grid or grids; a block that does not fit is an error naming the
+sample, the family and the counts.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from typing import Any
 import torch
 
 from ..data.cmkp import DEFAULT_INSTRUCTION
-from ..data.spans import ModalitySpans, contiguous_blocks, find_spans, image_token_id_of, square_grid
-from ..method.step import SampleInputs
+from ..data.spans import answer_start_of, find_text_span, image_blocks
+from ..families import ImageLayoutError, ModelFamily, family_for
+from ..method.types import ModalitySpans, SampleInputs
 
 
 logger = logging.getLogger("llamafactory.aimkp")
 
-GRID_FAMILIES = {"llava": "square", "qwen2_vl": "thw", "qwen2_5_vl": "thw"}
 # attention_mask is rebuilt per sample; rope_deltas only serves generation
-KNOWN_KEYS = ("input_ids", "labels", "attention_mask", "rope_deltas", "pixel_values", "image_grid_thw", "position_ids")
+COMMON_KEYS = ("input_ids", "labels", "attention_mask", "rope_deltas", "pixel_values", "position_ids")
 _known_instructions: set[str] = {DEFAULT_INSTRUCTION}
 
 
@@ -43,26 +44,19 @@ def register_instruction(instruction: str) -> None:
 class BatchSplitter:
     """Splits a padded batch into per-sample :class:`SampleInputs`, locating the text and image spans."""
 
-    def __init__(self, model_config: Any, tokenizer: Any) -> None:
-        self.model_type = getattr(model_config, "model_type", "unknown")
-        self.image_token_id = image_token_id_of(model_config)
+    def __init__(self, model_config: Any, tokenizer: Any, family: ModelFamily | None = None) -> None:
+        self.config = model_config
+        self.family = family if family is not None else family_for(getattr(model_config, "model_type", None))
+        self.image_token_id = self.family.image_token_id(model_config)
         if self.image_token_id is None:
-            raise UnsupportedBatchError(f"model_type {self.model_type} has no image token id; AimKP needs images.")
-        self.grid_kind = GRID_FAMILIES.get(self.model_type)
-        if self.grid_kind is None:
-            logger.warning(
-                f"aimkp-plugin: no image grid layout is known for model_type {self.model_type}; image copies use the "
-                "1-D fallback (every γ-th image token)."
-            )
-        vision = getattr(model_config, "vision_config", None)
-        self.merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
+            raise UnsupportedBatchError(f"model_type {self.family.name} has no image token id; AimKP needs images.")
+        self.known_keys = set(COMMON_KEYS) | set(self.family.per_image_keys)
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         self.special_ids = set(self.tokenizer.all_special_ids) | {
             token_id for token_id, token in self.tokenizer.added_tokens_decoder.items() if token.special
         }
         self.special_ids.discard(self.image_token_id)
         self.warned_instruction = False
-        self.warned_grid = False
         self.instructions = self.instruction_patterns()
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one splitter per training run
@@ -82,76 +76,81 @@ class BatchSplitter:
                     patterns.append(pattern)
         return patterns
 
-    def grids(self, count: int, block_sizes: list[int], image_grid_thw: torch.Tensor | None) -> list:
-        grids: list = [None] * count
-        if self.grid_kind == "square":
-            grids = [square_grid(size) for size in block_sizes]
-        elif self.grid_kind == "thw" and image_grid_thw is not None:
-            grids = []
-            for row, size in zip(image_grid_thw.tolist(), block_sizes, strict=True):
-                time, height, width = row
-                grid = (height // self.merge, width // self.merge)
-                grids.append(grid if time == 1 and grid[0] * grid[1] == size else None)
-        if self.grid_kind is not None and None in grids and not self.warned_grid:
-            self.warned_grid = True
-            logger.warning(
-                f"aimkp-plugin: an image of model_type {self.model_type} does not form the expected grid "
-                f"({block_sizes} tokens); its copies use the 1-D fallback (every γ-th image token). Warned once."
+    def split(self, batch: dict[str, Any], indices: Sequence[int]) -> list[SampleInputs]:
+        unknown = set(batch) - self.known_keys
+        if unknown:
+            raise UnsupportedBatchError(
+                f"aimkp: the batch of model_type {self.family.name} holds {sorted(unknown)}, which the AimKP step "
+                "cannot split per sample yet."
             )
-        return grids
+        attention_mask = batch.get("attention_mask")
+        rows, image_count = [], 0  # per sample: (visible, ids, labels, its image numbers in the batch, spans)
+        for row, index in enumerate(indices):
+            visible = attention_mask[row].bool() if attention_mask is not None else slice(None)
+            ids, labels = batch["input_ids"][row][visible], batch["labels"][row][visible]
+            id_list, label_list = ids.tolist(), labels.tolist()
+            blocks = image_blocks(id_list, answer_start_of(label_list), self.image_token_id)
+            numbers = range(image_count, image_count + len(blocks))
+            image_count += len(blocks)
+            per_image = [self.image_inputs(batch, number) for number in numbers]
+            spans = self.spans(int(index), id_list, label_list, blocks, per_image)
+            rows.append((visible, ids, labels, numbers, spans))
+        pixel_offsets = [0]  # where each image's rows start in pixel_values
+        for *_, numbers, spans in rows:
+            for number, image in zip(numbers, spans.images, strict=True):
+                rows_of_image = self.family.pixel_rows(
+                    self.config, len(image.positions), self.image_inputs(batch, number)
+                )
+                pixel_offsets.append(pixel_offsets[-1] + rows_of_image)
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is not None and image_count and pixel_offsets[-1] != pixel_values.shape[0]:
+            raise ImageLayoutError(
+                f"aimkp: the batch's {image_count} images of model family {self.family.name} need "
+                f"{pixel_offsets[-1]} rows of pixel_values, but it has {pixel_values.shape[0]}."
+            )
+        samples = []
+        for row, (index, (visible, ids, labels, numbers, spans)) in enumerate(zip(indices, rows, strict=True)):
+            inputs: dict[str, torch.Tensor] = {"input_ids": ids[None], "labels": labels[None]}
+            if numbers and pixel_values is not None:
+                inputs["pixel_values"] = pixel_values[pixel_offsets[numbers.start] : pixel_offsets[numbers.stop]]
+                for key in self.family.per_image_keys:
+                    if key in batch:
+                        inputs[key] = batch[key][numbers.start : numbers.stop]
+            positions = batch.get("position_ids")
+            if positions is not None:  # (rows, B, L) multimodal rope positions or (B, L)
+                selected = positions[:, row : row + 1] if positions.dim() == 3 else positions[row : row + 1]
+                inputs["position_ids"] = selected[..., visible]
+            samples.append(SampleInputs(int(index), inputs, spans))
+        return samples
 
-    def spans(self, ids: list[int], labels: list[int], image_grid_thw: torch.Tensor | None) -> ModalitySpans:
-        answer_start = next((index for index, label in enumerate(labels) if label != -100), len(ids))
-        blocks = contiguous_blocks([index for index in range(answer_start) if ids[index] == self.image_token_id])
-        grids = self.grids(len(blocks), [len(block) for block in blocks], image_grid_thw)
-        spans = find_spans(
-            ids, labels, self.image_token_id, grids, self.special_ids, self.instructions, self.is_whitespace
+    def image_inputs(self, batch: dict[str, Any], number: int) -> dict[str, torch.Tensor]:
+        """The per-image keys (e.g. ``image_grid_thw``) of the batch's image ``number``, as one-row tensors."""
+        return {key: batch[key][number : number + 1] for key in self.family.per_image_keys if key in batch}
+
+    def spans(
+        self, index: int, ids: list[int], labels: list[int], blocks: list[list[int]], per_image: list[dict]
+    ) -> ModalitySpans:
+        images = []
+        for number, (block, inputs) in enumerate(zip(blocks, per_image, strict=True)):
+            try:
+                images.append(self.family.image_span(self.config, block, inputs))
+            except ImageLayoutError as err:
+                raise ImageLayoutError(
+                    f"aimkp: training sample {index}, image {number + 1}: the {self.family.name} model family "
+                    f"expects another layout: {err}."
+                ) from None
+        text = find_text_span(
+            ids,
+            answer_start_of(labels),
+            blocks[-1][-1] if blocks else None,
+            self.special_ids,
+            self.instructions,
+            self.is_whitespace,
         )
-        if blocks and not spans.instruction_found and not self.warned_instruction:
+        if blocks and not text.instruction_found and not self.warned_instruction:
             self.warned_instruction = True
             logger.warning(
                 "aimkp-plugin: the instruction was not found in a sample; its text span runs to the answer "
                 "(the instruction and the chat template's suffix are then masked as text too)."
             )
-        return spans
-
-    def split(self, batch: dict[str, Any], indices: Sequence[int]) -> list[SampleInputs]:
-        unknown = set(batch) - set(KNOWN_KEYS)
-        if unknown:
-            raise UnsupportedBatchError(
-                f"aimkp: the batch of model_type {self.model_type} holds {sorted(unknown)}, which the AimKP step "
-                "cannot split per sample yet. Supported: LLaVA-1.5, Qwen2-VL, Qwen2.5-VL."
-            )
-        grid_thw = batch.get("image_grid_thw")
-        patch_offsets = [0]  # Qwen: where each image's patches start in pixel_values
-        for row in grid_thw.tolist() if grid_thw is not None else []:
-            patch_offsets.append(patch_offsets[-1] + row[0] * row[1] * row[2])
-        samples, image_cursor = [], 0
-        for row, index in enumerate(indices):
-            sample, count = self.sample_inputs(batch, row, image_cursor, patch_offsets)
-            samples.append(SampleInputs(int(index), *sample))
-            image_cursor += count
-        return samples
-
-    def sample_inputs(self, batch: dict[str, Any], row: int, first_image: int, patch_offsets: list[int]):
-        """``(model_inputs, spans)`` of one row without its padding, and how many images it holds."""
-        attention_mask = batch.get("attention_mask")
-        visible = attention_mask[row].bool() if attention_mask is not None else slice(None)
-        ids, labels = batch["input_ids"][row][visible], batch["labels"][row][visible]
-        id_list = ids.tolist()
-        count = len(contiguous_blocks([i for i, token in enumerate(id_list) if token == self.image_token_id]))
-        images = slice(first_image, first_image + count)
-        inputs: dict[str, torch.Tensor] = {"input_ids": ids[None], "labels": labels[None]}
-        grid_thw = batch["image_grid_thw"][images] if "image_grid_thw" in batch else None
-        pixel_values = batch.get("pixel_values")
-        if count and pixel_values is not None:
-            if grid_thw is not None:
-                inputs["pixel_values"] = pixel_values[patch_offsets[images.start] : patch_offsets[images.stop]]
-                inputs["image_grid_thw"] = grid_thw
-            else:
-                inputs["pixel_values"] = pixel_values[images]
-        positions = batch.get("position_ids")
-        if positions is not None:  # (rows, B, L) m-rope positions or (B, L)
-            rows = positions[:, row : row + 1] if positions.dim() == 3 else positions[row : row + 1]
-            inputs["position_ids"] = rows[..., visible]
-        return (inputs, self.spans(id_list, labels.tolist(), grid_thw)), count
+        return ModalitySpans(text=text.positions, images=images, instruction_found=text.instruction_found)

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from ..config import AimkpArguments
 from ..method.state import MODALITY_INDEX, STATE_FILE, CurriculumState, ModalityState
-from ..method.step import SampleOutcome
+from ..method.types import SampleOutcome
 
 
 logger = logging.getLogger("llamafactory.aimkp")

@@ -32,7 +32,7 @@ from ..data.cmkp import (
     load_cmkp_files,
     parse_json_record,
 )
-from . import patches
+from . import patching
 from .args import active_arguments
 from .batches import register_instruction
 
@@ -101,7 +101,7 @@ def _patch_data_parser_dataset_attr_join(module: ModuleType) -> None:
         self.cmkp_options = CmkpDatasetOptions.from_entry(self.dataset_name, attr.get(OPTIONS_KEY))
         register_instruction(self.cmkp_options.instruction)  # the AimKP step finds the text span's end by it
 
-    patches.wrap_function(module.DatasetAttr, "join", "dataset_attr_join", join)
+    patching.wrap_function(module.DatasetAttr, "join", "dataset_attr_join", join)
 
 
 def _patch_data_converter_register_cmkp(module: ModuleType) -> None:
@@ -218,4 +218,4 @@ def _patch_data_loader_load_single_dataset(module: ModuleType) -> None:
             return original(dataset_attr, model_args, data_args, training_args)
         return load_cmkp_dataset(dataset_attr, data_args, training_args, module.logger)
 
-    patches.wrap_function(module, "_load_single_dataset", "load_single_dataset", _load_single_dataset)
+    patching.wrap_function(module, "_load_single_dataset", "load_single_dataset", _load_single_dataset)

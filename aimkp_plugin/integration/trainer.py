@@ -23,10 +23,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
+from ..families import ModelFamily, family_for
 from ..method.fast_step import FastStepLayout, FastStepUnsupportedError, fast_batch_step, fast_step_layout
-from ..method.step import IGNORE_INDEX, StepConfig, reference_sample_step
-from . import patches
+from ..method.step import reference_sample_step
+from ..method.types import IGNORE_INDEX, StepConfig
+from . import patching
 from .args import active_arguments
 from .batches import BatchSplitter
 from .callback import AimkpCallback, distributed
@@ -78,138 +81,149 @@ def mask_dtype_for(model: Any, compute_dtype: torch.dtype) -> torch.dtype:
     return torch.bool if implementation == "sdpa" else compute_dtype
 
 
-def make_aimkp_trainer_class(base: type) -> type:
-    """A subclass of LLaMA-Factory's ``CustomSeq2SeqTrainer`` that runs the AimKP step when ``aimkp: true``."""
+class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
+    """LLaMA-Factory's ``CustomSeq2SeqTrainer`` that runs the AimKP step when the run's config has ``aimkp: true``
+    (and is exactly LLaMA-Factory's trainer otherwise)."""
 
-    class AimkpSeq2SeqTrainer(base):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            arguments = active_arguments()
-            self.aimkp = arguments if arguments is not None and arguments.aimkp else None
-            self.aimkp_callback: AimkpCallback | None = None
-            train_dataset = kwargs.get("train_dataset")
-            if self.aimkp is not None and train_dataset is not None:
-                fingerprints = sample_fingerprints(train_dataset)
-                kwargs["train_dataset"] = train_dataset.add_column(INDEX_COLUMN, list(range(len(fingerprints))))
-                kwargs["data_collator"] = IndexPassingCollator(kwargs["data_collator"])
-                self.aimkp_callback = AimkpCallback(self.aimkp, fingerprints)
-                kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.aimkp_callback]
-            super().__init__(*args, **kwargs)
-            if self.aimkp_callback is not None:
-                self.aimkp_splitter = BatchSplitter(self.model.config, self.processing_class)
-                self.aimkp_config = StepConfig(
-                    modalities=self.aimkp.aimkp_modalities,
-                    thresholds=self.aimkp.threshold,
-                    filtering=self.aimkp.aimkp_filter,
-                    progressive=self.aimkp.aimkp_progressive,
-                )
-                self.aimkp_step_tokens = 0.0
-                compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float32
-                self.aimkp_mask_dtype = mask_dtype_for(self.accelerator.unwrap_model(self.model), compute_dtype)
-                self.aimkp_layout = self._aimkp_fast_layout()
-
-        def _aimkp_fast_layout(self) -> FastStepLayout | None:
-            """The fast step's view of the model, or None (with one warning) when only the reference step fits."""
-            if self.aimkp.aimkp_impl != "fast":
-                return None
-            try:
-                layout = fast_step_layout(self.accelerator.unwrap_model(self.model))
-            except FastStepUnsupportedError as err:
-                logger.warning(
-                    f"aimkp-plugin: aimkp_impl: fast cannot run this model ({err}); the reference step runs instead "
-                    "(the same updates, slower). Set aimkp_impl: reference to silence this warning."
-                )
-                return None
-            logger.info(
-                f"aimkp-plugin: the fast AimKP step runs ({len(layout.linear_modules)} hooked Linear layers, "
-                f"{len(layout.vision_parameters)} trained vision-side tensors)."
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        arguments = active_arguments()
+        self.aimkp = arguments if arguments is not None and arguments.aimkp else None
+        self.aimkp_callback: AimkpCallback | None = None
+        train_dataset = kwargs.get("train_dataset")
+        if self.aimkp is not None and train_dataset is not None:
+            fingerprints = sample_fingerprints(train_dataset)
+            kwargs["train_dataset"] = train_dataset.add_column(INDEX_COLUMN, list(range(len(fingerprints))))
+            kwargs["data_collator"] = IndexPassingCollator(kwargs["data_collator"])
+            self.aimkp_callback = AimkpCallback(self.aimkp, fingerprints)
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.aimkp_callback]
+        super().__init__(*args, **kwargs)
+        if self.aimkp_callback is not None:
+            core = self.accelerator.unwrap_model(self.model)
+            self.aimkp_family = self._aimkp_family(core)
+            self.aimkp_splitter = BatchSplitter(core.config, self.processing_class, self.aimkp_family)
+            self.aimkp_config = StepConfig(
+                modalities=self.aimkp.aimkp_modalities,
+                thresholds=self.aimkp.threshold,
+                filtering=self.aimkp.aimkp_filter,
+                progressive=self.aimkp.aimkp_progressive,
             )
-            return layout
+            self.aimkp_step_tokens = 0.0
+            compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float32
+            self.aimkp_mask_dtype = mask_dtype_for(core, compute_dtype)
+            self.aimkp_layout = self._aimkp_fast_layout()
 
-        def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-            if self.aimkp_callback is not None and resume_from_checkpoint:
-                from transformers.trainer_utils import get_last_checkpoint
+    @staticmethod
+    def _aimkp_family(model: Any) -> ModelFamily:
+        """The model's family from the table; an unknown model type gets the 1-D fallback, with a warning."""
+        family = family_for(getattr(model.config, "model_type", None))
+        if not family.has_fast_step:
+            logger.warning(
+                f"aimkp-plugin: no image grid layout is known for model_type {family.name}; image copies use the "
+                "1-D fallback (every γ-th image token)."
+            )
+        return family
 
-                path = resume_from_checkpoint
-                if isinstance(path, bool):
-                    path = get_last_checkpoint(self.args.output_dir)
-                if path:
-                    self.aimkp_callback.restore(path)
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+    def _aimkp_fast_layout(self) -> FastStepLayout | None:
+        """The fast step's view of the model, or None (with one warning) when only the reference step fits."""
+        if self.aimkp.aimkp_impl != "fast":
+            return None
+        try:
+            if not self.aimkp_family.has_fast_step:
+                raise FastStepUnsupportedError(f"model_type {self.aimkp_family.name} has no fast AimKP step")
+            layout = fast_step_layout(self.accelerator.unwrap_model(self.model), self.aimkp_family)
+        except FastStepUnsupportedError as err:
+            logger.warning(
+                f"aimkp-plugin: aimkp_impl: fast cannot run this model ({err}); the reference step runs instead "
+                "(the same updates, slower). Set aimkp_impl: reference to silence this warning."
+            )
+            return None
+        logger.info(
+            f"aimkp-plugin: the fast AimKP step runs for the {layout.family.name} family "
+            f"({len(layout.linear_modules)} hooked Linear layers, "
+            f"{len(layout.vision_parameters)} trained vision-side tensors)."
+        )
+        return layout
 
-        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
-            batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            if self.aimkp_callback is not None:
-                tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batch_samples)
-                total = torch.tensor(float(tokens), dtype=torch.float64, device=self.args.device)
-                if distributed():
-                    dist.all_reduce(total)
-                self.aimkp_step_tokens = float(total)  # N: answer tokens of the whole optimizer step
-            return batch_samples, num_items
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if self.aimkp_callback is not None and resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
 
-        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-            if self.aimkp_callback is None:
-                return super().training_step(model, inputs, num_items_in_batch)
-            if INDEX_COLUMN not in inputs:
-                raise RuntimeError(
-                    "aimkp-plugin: a training batch arrived without sample indices; the data collator was replaced "
-                    "after the AimKP trainer was built. AimKP cannot run without them."
+            path = resume_from_checkpoint
+            if isinstance(path, bool):
+                path = get_last_checkpoint(self.args.output_dir)
+            if path:
+                self.aimkp_callback.restore(path)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.aimkp_callback is not None:
+            tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batch_samples)
+            total = torch.tensor(float(tokens), dtype=torch.float64, device=self.args.device)
+            if distributed():
+                dist.all_reduce(total)
+            self.aimkp_step_tokens = float(total)  # N: answer tokens of the whole optimizer step
+        return batch_samples, num_items
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self.aimkp_callback is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if INDEX_COLUMN not in inputs:
+            raise RuntimeError(
+                "aimkp-plugin: a training batch arrived without sample indices; the data collator was replaced "
+                "after the AimKP trainer was built. AimKP cannot run without them."
+            )
+        indices = inputs.pop(INDEX_COLUMN).tolist()
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()  # schedule-free optimizers, as in Trainer.training_step
+        inputs = self._prepare_inputs(inputs)
+        core = self.accelerator.unwrap_model(model)
+        parameters = [parameter for parameter in core.parameters() if parameter.requires_grad]
+        total = max(self.aimkp_step_tokens, 1.0)
+        epoch = int(self.state.epoch or 0)
+        outcomes = []
+        sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
+        state, config = self.aimkp_callback.state, self.aimkp_config
+        with sync:
+            samples = self.aimkp_splitter.split(inputs, indices)
+            if self.aimkp_layout is not None:
+                outcomes, left_to_reference = fast_batch_step(
+                    self.aimkp_layout, samples, state, config, total, epoch, self.aimkp.aimkp_fast_max_tokens
                 )
-            indices = inputs.pop(INDEX_COLUMN).tolist()
-            model.train()
-            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-                self.optimizer.train()  # schedule-free optimizers, as in Trainer.training_step
-            inputs = self._prepare_inputs(inputs)
-            core = self.accelerator.unwrap_model(model)
-            parameters = [parameter for parameter in core.parameters() if parameter.requires_grad]
-            total = max(self.aimkp_step_tokens, 1.0)
-            epoch = int(self.state.epoch or 0)
-            outcomes = []
-            sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
-            state, config = self.aimkp_callback.state, self.aimkp_config
-            with sync:
-                samples = self.aimkp_splitter.split(inputs, indices)
-                if self.aimkp_layout is not None:
-                    outcomes, left_to_reference = fast_batch_step(
-                        self.aimkp_layout, samples, state, config, total, epoch, self.aimkp.aimkp_fast_max_tokens
-                    )
-                    samples = [samples[position] for position in left_to_reference]
-                for sample in samples:
-                    outcomes.append(
-                        reference_sample_step(
-                            core, parameters, sample, state, config, total, self.aimkp_mask_dtype, epoch
-                        )
-                    )
-            self.aimkp_callback.record(outcomes)
-            if self.accelerator.gradient_state.sync_gradients:
-                if distributed():
-                    self._aimkp_all_reduce(parameters)
-                self.aimkp_callback.synchronise()
-            scale = self.accelerator.num_processes if distributed() else 1
-            loss = sum(outcome.original_loss_sum for outcome in outcomes) / total * scale
-            return torch.tensor(loss, device=self.args.device)
+                samples = [samples[position] for position in left_to_reference]
+            for sample in samples:
+                outcomes.append(
+                    reference_sample_step(core, parameters, sample, state, config, total, self.aimkp_mask_dtype, epoch)
+                )
+        self.aimkp_callback.record(outcomes)
+        if self.accelerator.gradient_state.sync_gradients:
+            if distributed():
+                self._aimkp_all_reduce(parameters)
+            self.aimkp_callback.synchronise()
+        scale = self.accelerator.num_processes if distributed() else 1
+        loss = sum(outcome.original_loss_sum for outcome in outcomes) / total * scale
+        return torch.tensor(loss, device=self.args.device)
 
-        def _aimkp_all_reduce(self, parameters: list[torch.Tensor]) -> None:
-            """Sum ``.grad`` over ranks (each rank holds its samples' share of Σ_i G_i / N)."""
-            for parameter in parameters:
-                if parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
-            flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
-            dist.all_reduce(flat)
-            offset = 0
-            for parameter in parameters:
-                count = parameter.numel()
-                parameter.grad.copy_(flat[offset : offset + count].view_as(parameter))
-                offset += count
+    def _aimkp_all_reduce(self, parameters: list[torch.Tensor]) -> None:
+        """Sum ``.grad`` over ranks (each rank holds its samples' share of Σ_i G_i / N)."""
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
+        dist.all_reduce(flat)
+        offset = 0
+        for parameter in parameters:
+            count = parameter.numel()
+            parameter.grad.copy_(flat[offset : offset + count].view_as(parameter))
+            offset += count
 
-        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if self.aimkp_callback is not None and "loss" in logs:
-                metrics = self.aimkp_callback.log_metrics()
-                self.aimkp_callback.remember(self.state.global_step, metrics)
-                logs.update(metrics)
-            super().log(logs, *args, **kwargs)
-
-    AimkpSeq2SeqTrainer.__name__ = AimkpSeq2SeqTrainer.__qualname__ = "AimkpSeq2SeqTrainer"
-    return AimkpSeq2SeqTrainer
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.aimkp_callback is not None and "loss" in logs:
+            metrics = self.aimkp_callback.log_metrics()
+            self.aimkp_callback.remember(self.state.global_step, metrics)
+            logs.update(metrics)
+        super().log(logs, *args, **kwargs)
 
 
 def _patch_train_sft_workflow_trainer(module: ModuleType) -> None:
@@ -218,4 +232,4 @@ def _patch_train_sft_workflow_trainer(module: ModuleType) -> None:
     Why: ``run_sft`` builds its trainer from that name and the v0 trainer has no hook for a custom step. The subclass
     changes nothing unless the run's config has ``aimkp: true``. Tested on llamafactory 0.9.5.
     """
-    patches.replace_attribute(module, "CustomSeq2SeqTrainer", "aimkp_trainer", make_aimkp_trainer_class)
+    patching.replace_attribute(module, "CustomSeq2SeqTrainer", "aimkp_trainer", lambda _: AimkpSeq2SeqTrainer)

@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from ..config import IMPLEMENTATIONS, MODALITIES, THRESHOLD_RANGE, AimkpArguments, AimkpConfigError, is_aimkp_key
-from . import patches
+from . import patching
 from .args import extract_aimkp_arguments
 
 
@@ -95,10 +95,10 @@ class _EnglishFallback(dict):
 
 def plugin_problem() -> str | None:
     """Why the AimKP section cannot work in this process (plugin inactive, a patch failed), or None."""
-    if patches.STATUS.inactive_reason:
-        return patches.STATUS.inactive_reason
-    if patches.STATUS.failed:
-        failures = "; ".join(f"{name} ({reason})" for name, reason in patches.STATUS.failed.items())
+    if patching.STATUS.inactive_reason:
+        return patching.STATUS.inactive_reason
+    if patching.STATUS.failed:
+        failures = "; ".join(f"{name} ({reason})" for name, reason in patching.STATUS.failed.items())
         return f"some aimkp-plugin patches failed: {failures}"
     return None
 
@@ -197,14 +197,14 @@ def _wrap_create_train_tab(module: ModuleType, patch_name: str, wrapper: Any) ->
     """Wrap ``create_train_tab`` in ``module`` and in the modules that already imported the original by name.
 
     Through the ``.pth`` hook the patch runs before ``components/__init__.py`` and ``interface.py`` import the name;
-    :func:`patches.apply_aimkp_to_llamafactory` may run after them, so their copies are replaced too.
+    :func:`patching.apply_aimkp_to_llamafactory` may run after them, so their copies are replaced too.
     """
     original = module.create_train_tab
-    patches.wrap_function(module, "create_train_tab", patch_name, wrapper)
+    patching.wrap_function(module, "create_train_tab", patch_name, wrapper)
     for name in ("llamafactory.webui.components", "llamafactory.webui.interface"):
         importer = sys.modules.get(name)
         if getattr(importer, "create_train_tab", None) is original:
-            patches.replace_attribute(importer, "create_train_tab", patch_name, lambda _: module.create_train_tab)
+            patching.replace_attribute(importer, "create_train_tab", patch_name, lambda _: module.create_train_tab)
 
 
 def _patch_webui_components_train_create_train_tab(module: ModuleType) -> None:
@@ -232,7 +232,7 @@ def _patch_webui_locales_add_aimkp(module: ModuleType) -> None:
 
     Why: ``Engine.change_lang`` sets every element's label from ``LOCALES[name][lang]``. Languages without a
     translation (ru, ko, ja, ...) get the English texts. The dict is updated in place because ``engine``, ``runner``
-    and the components import it by name; :func:`patches.revert_all` leaves these new, otherwise unused, entries.
+    and the components import it by name; :func:`patching.revert_all` leaves these new, otherwise unused, entries.
     Tested on llamafactory 0.9.5 with gradio 5.50.0. It can go when LlamaBoard accepts plugin sections.
     """
     languages = {lang for entry in module.LOCALES.values() for lang in entry}
@@ -252,7 +252,7 @@ def _patch_webui_common_clean_cmd(module: ModuleType) -> None:
         kept = original(args)
         return {key: value for key, value in args.items() if key in kept or is_aimkp_key(key)}
 
-    patches.wrap_function(module, "_clean_cmd", "clean_cmd", _clean_cmd)
+    patching.wrap_function(module, "_clean_cmd", "clean_cmd", _clean_cmd)
 
 
 def section_values(manager: Any, data: dict[Component, Any]) -> dict[str, Any] | None:
@@ -282,7 +282,7 @@ def _patch_webui_runner_parse_train_args(module: ModuleType) -> None:
         args.update(aimkp_keys(section_values(self.manager, data)))
         return args
 
-    patches.wrap_function(module.Runner, "_parse_train_args", "parse_train_args", _parse_train_args)
+    patching.wrap_function(module.Runner, "_parse_train_args", "parse_train_args", _parse_train_args)
 
 
 def _patch_webui_runner_initialize(module: ModuleType) -> None:
@@ -304,4 +304,4 @@ def _patch_webui_runner_initialize(module: ModuleType) -> None:
             return f"AimKP: {err}"
         return ""
 
-    patches.wrap_function(module.Runner, "_initialize", "initialize", _initialize)
+    patching.wrap_function(module.Runner, "_initialize", "initialize", _initialize)

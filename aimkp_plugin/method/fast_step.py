@@ -24,36 +24,25 @@ runs the reference step instead. A sample in which a hidden token directly prece
 when the instruction was not found and the text span runs up to the answer) also takes the reference step: there
 the reference predicts that answer token from the hidden token's own output, which a dropped token cannot give.
 
-Pure torch (the model is a Hugging Face LLaVA, Qwen2-VL or Qwen2.5-VL, reached through its own methods).
+Pure torch. What differs between model families (how images are encoded, which modules produce the image features,
+how the language model is called with them, which positions a token has) is asked of a :class:`FastStepFamily`;
+the model families of ``aimkp_plugin.families`` implement it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from ..data.spans import image_token_id_of
 from .filtering import cosine_from_products, keep_copy, variant_weight
 from .row_gradients import RowGradients
 from .state import CurriculumState
-from .step import (
-    IGNORE_INDEX,
-    ORIGINAL,
-    CopyOutcome,
-    SampleInputs,
-    SampleOutcome,
-    StepConfig,
-    hidden_for,
-    planned_copies,
-    row_loss_sums,
-    update_curriculum,
-)
-
-
-FAST_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl")
+from .types import IGNORE_INDEX, ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfig
+from .variants import hidden_for, planned_copies, row_loss_sums, update_curriculum
 
 
 class FastStepUnsupportedError(ValueError):
@@ -61,13 +50,58 @@ class FastStepUnsupportedError(ValueError):
 
 
 @dataclass
+class ImageFeatures:
+    """What the language model reads from the images of a micro-batch, one row per image token (samples and images in
+    order): ``tokens`` replace the image tokens' embeddings; each of ``extras`` is fed to the language model beside
+    them (Qwen3-VL's DeepStack features, one tensor per layer they are added to)."""
+
+    tokens: torch.Tensor
+    extras: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def shared(self) -> list[torch.Tensor]:
+        return [self.tokens, *self.extras]
+
+
+class FastStepFamily(Protocol):
+    """What the fast step asks of a model family."""
+
+    name: str
+
+    def image_token_id(self, config: object) -> int | None:
+        """The id of the tokens whose embeddings are replaced by image features."""
+
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules that turn pixels into the image features (vision tower, projector, DeepStack mergers)."""
+
+    def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
+        """The image features of every image of ``samples`` (None when none has an image)."""
+
+    def position_ids(self, sample: SampleInputs) -> torch.Tensor:
+        """The sample's original position ids, ``(1, L)`` or ``(rows, 1, L)`` for multimodal rope."""
+
+    def language_logits(
+        self,
+        model: nn.Module,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        image_mask: torch.Tensor,
+        extras: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """Logits of padded rows whose image tokens (``image_mask``) already hold their features; ``extras`` are the
+        kept rows of :attr:`ImageFeatures.extras`, in the order of ``image_mask``."""
+
+
+@dataclass
 class FastStepLayout:
     """Where a model's trainable parameters sit, as the fast step needs to know it."""
 
     model: nn.Module  # the Hugging Face model (below any PEFT wrapper)
+    family: FastStepFamily
     parameters: list[nn.Parameter]  # every trainable parameter, in the buffer's order
     linear_modules: list[nn.Linear]  # language-side Linear layers that own trainable parameters (hooked)
-    vision_parameters: list[nn.Parameter]  # trainable parameters upstream of the image features
+    vision_parameters: list[nn.Parameter] = field(default_factory=list)  # trainable, upstream of the image features
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -76,25 +110,12 @@ def base_model_of(model: nn.Module) -> nn.Module:
     return get_base_model() if callable(get_base_model) else model
 
 
-def vision_side(model: nn.Module) -> list[nn.Module]:
-    """The modules that turn pixels into the image features the language model reads."""
-    inner = model.model
-    if model.config.model_type == "llava":
-        return [inner.vision_tower, inner.multi_modal_projector]
-    return [inner.visual]
-
-
-def fast_step_layout(model: nn.Module) -> FastStepLayout:
+def fast_step_layout(model: nn.Module, family: FastStepFamily) -> FastStepLayout:
     """Classify the trainable parameters of ``model``; :class:`FastStepUnsupportedError` says what is not covered."""
     hf_model = base_model_of(model)
-    model_type = getattr(hf_model.config, "model_type", None)
-    if model_type not in FAST_MODEL_TYPES:
-        raise FastStepUnsupportedError(
-            f"model_type {model_type} has no fast AimKP step (supported: {', '.join(FAST_MODEL_TYPES)})"
-        )
-    if image_token_id_of(hf_model.config) is None:
-        raise FastStepUnsupportedError(f"model_type {model_type} has no image token id")
-    vision_ids = {id(p) for module in vision_side(hf_model) for p in module.parameters()}
+    if family.image_token_id(hf_model.config) is None:
+        raise FastStepUnsupportedError(f"the {family.name} model has no image token id")
+    vision_ids = {id(p) for module in family.vision_modules(hf_model) for p in module.parameters()}
     parameters, linear_modules, vision_parameters, uncovered = [], [], [], []
     for name, module in hf_model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -112,7 +133,7 @@ def fast_step_layout(model: nn.Module) -> FastStepLayout:
         raise FastStepUnsupportedError(
             "trained parameters without a per-row gradient rule in the fast step: " + ", ".join(uncovered[:5])
         )
-    return FastStepLayout(hf_model, parameters, linear_modules, vision_parameters)
+    return FastStepLayout(hf_model, family, parameters, linear_modules, vision_parameters)
 
 
 @dataclass
@@ -129,24 +150,6 @@ def needs_reference_step(sample: SampleInputs, hidden: Sequence[int]) -> bool:
     """True when a hidden token directly precedes an answer token (then dropping it would change a prediction)."""
     labels = sample.labels[0].tolist()
     return any(position + 1 < len(labels) and labels[position + 1] != IGNORE_INDEX for position in hidden)
-
-
-def encode_images(model: nn.Module, samples: Sequence[SampleInputs], dtype: torch.dtype) -> torch.Tensor | None:
-    """Image features of every image of the micro-batch, one row per image token, samples and images in order."""
-    with_images = [sample.model_inputs for sample in samples if "pixel_values" in sample.model_inputs]
-    if not with_images:
-        return None
-    pixel_values = torch.cat([inputs["pixel_values"] for inputs in with_images])
-    if model.config.model_type == "llava":
-        output = model.model.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        )
-    else:
-        grids = torch.cat([inputs["image_grid_thw"] for inputs in with_images])
-        output = model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grids)
-    return torch.cat(list(output.pooler_output)).to(dtype)
 
 
 def plan_rows(
@@ -184,17 +187,16 @@ def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
 
 
 def padded_inputs(
-    samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device
+    family: FastStepFamily, samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``input_ids``, ``labels``, ``attention_mask`` and ``position_ids`` of rows, right-padded to the longest."""
+    """``input_ids``, ``labels``, ``attention_mask`` and ``position_ids`` of rows, right-padded to the longest; every
+    kept token keeps its original position ids (all rope rows of a multimodal rope)."""
     length = max(len(row.keep) for row in rows)
     input_ids = torch.zeros(len(rows), length, dtype=torch.long, device=device)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=device)
     attention_mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-    positions = [samples[row.sample].model_inputs.get("position_ids") for row in rows]
-    if positions[0] is None:  # 1-D rope: the original positions are 0..L-1
-        positions = [torch.arange(samples[row.sample].model_inputs["input_ids"].shape[1])[None] for row in rows]
-    leading = positions[0].shape[:-2]  # () for (1, L); (3,) or (4,) for Qwen's (P, 1, L)
+    positions = [family.position_ids(samples[row.sample]) for row in rows]
+    leading = positions[0].shape[:-2]  # () for (1, L); (3,) or (4,) for a multimodal rope's (P, 1, L)
     position_ids = torch.zeros(*leading, len(rows), length, dtype=torch.long, device=device)
     for index, row in enumerate(rows):
         inputs, count = samples[row.sample].model_inputs, len(row.keep)
@@ -279,22 +281,26 @@ def row_gradients(
 ) -> tuple[RowGradients, torch.Tensor]:
     """Every row's gradient of its mean answer cross-entropy (in a :class:`RowGradients`) and its summed loss.
 
-    ``.grad`` is left as it was. One forward and one backward per group of rows; the projector's share of each
-    row's gradient comes from one vmapped backward through the shared image features at the end.
+    ``.grad`` is left as it was. One forward and one backward per group of rows; the vision side's share of each
+    row's gradient comes from one vmapped backward per sample through the shared image features at the end.
     """
-    model = layout.model
+    model, family = layout.model, layout.family
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
     buffer_dtype = torch.promote_types(layout.parameters[0].dtype, torch.float32)
     gradients = RowGradients(layout.parameters, len(rows), buffer_dtype, device)
-    image_token_id = image_token_id_of(model.config)
+    image_token_id = family.image_token_id(model.config)
     trains_vision = bool(layout.vision_parameters)
     with torch.set_grad_enabled(trains_vision):
-        features = encode_images(model, samples, embedding.weight.dtype)
+        features = family.encode_images(model, samples)
+    # the token features in the embeddings' dtype (as the model's masked_scatter does); extras stay as they come
+    shared = [features.tokens.to(embedding.weight.dtype), *features.extras] if features is not None else []
     indices, image_tokens = feature_indices(samples, rows, image_token_id)
-    if features is not None and image_tokens != features.shape[0]:
+    if shared and any(image_tokens != tensor.shape[0] for tensor in shared):
+        counts = [tensor.shape[0] for tensor in shared]
         raise RuntimeError(
-            f"aimkp fast step: {image_tokens} image tokens in the micro-batch but {features.shape[0]} image features."
+            f"aimkp fast step ({family.name}): {image_tokens} image tokens in the micro-batch but image features of "
+            f"{counts} rows."
         )
 
     # Autograd adds into an existing .grad in place: park the caller's gradients, let the backward passes below
@@ -302,28 +308,31 @@ def row_gradients(
     saved_grads = [parameter.grad for parameter in layout.parameters]
     for parameter in layout.parameters:
         parameter.grad = None
-    leaves: list[torch.Tensor | None] = [None] * len(rows)
+    leaves: list[list[torch.Tensor]] = [[] for _ in rows]  # per row: its kept rows of each shared tensor
     loss_sums = torch.zeros(len(rows), dtype=buffer_dtype, device=device)
     try:
         with gradients.hook_linear_layers(layout.linear_modules):
             for group in group_rows(rows, max_tokens_per_forward):
-                input_ids, labels, attention_mask, position_ids = padded_inputs(samples, rows[group], device)
+                input_ids, labels, attention_mask, position_ids = padded_inputs(family, samples, rows[group], device)
                 inputs_embeds = embedding(input_ids)
-                if features is not None:
+                image_mask = input_ids == image_token_id
+                values: list[torch.Tensor] = []
+                if shared:
                     for index in range(group.start, group.stop):
-                        leaves[index] = features.detach()[indices[index].to(device)].requires_grad_(trains_vision)
-                    values = torch.cat([leaves[index] for index in range(group.start, group.stop)])
-                    if values.shape[0]:
-                        inputs_embeds = inputs_embeds.masked_scatter((input_ids == image_token_id)[..., None], values)
+                        kept = indices[index].to(device)
+                        leaves[index] = [tensor.detach()[kept].requires_grad_(trains_vision) for tensor in shared]
+                    values = [
+                        torch.cat([leaves[index][k] for index in range(group.start, group.stop)])
+                        for k in range(len(shared))
+                    ]
+                    if values[0].shape[0]:
+                        inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], values[0])
                 if not inputs_embeds.requires_grad:
                     inputs_embeds.requires_grad_(True)  # frozen embeddings and projector: the graph starts here
                 gradients.rows = group
-                logits = model(
-                    inputs_embeds=inputs_embeds,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                ).logits
+                logits = family.language_logits(
+                    model, inputs_embeds, attention_mask, position_ids, image_mask, values[1:]
+                )
                 sums = row_loss_sums(logits, labels)
                 tokens = torch.tensor(
                     [samples[row.sample].num_answer_tokens for row in rows[group]], dtype=sums.dtype, device=device
@@ -333,15 +342,28 @@ def row_gradients(
     finally:
         for parameter, previous in zip(layout.parameters, saved_grads, strict=True):
             parameter.grad = previous
-    if trains_vision and features is not None:  # one vmapped backward per sample, over its own rows
+    if trains_vision and shared:  # one vmapped backward per sample, over its own rows
         by_sample: dict[int, list[int]] = {}
         for index, row in enumerate(rows):
-            if leaves[index] is not None and leaves[index].grad is not None:
+            if leaves[index] and any(leaf.grad is not None for leaf in leaves[index]):
                 by_sample.setdefault(row.sample, []).append(index)
         for count, sample_rows in enumerate(by_sample.values(), start=1):
-            cotangents = torch.zeros(len(sample_rows), *features.shape, dtype=features.dtype, device=device)
+            cotangents = [
+                torch.zeros(len(sample_rows), *tensor.shape, dtype=tensor.dtype, device=device) for tensor in shared
+            ]
             for slot, index in enumerate(sample_rows):
-                cotangents[slot, indices[index].to(device)] = leaves[index].grad
+                for cotangent, leaf in zip(cotangents, leaves[index], strict=True):
+                    if leaf.grad is not None:
+                        cotangent[slot, indices[index].to(device)] = leaf.grad
             retain = count < len(by_sample)
-            gradients.add_through(features, layout.vision_parameters, sample_rows, cotangents, retain_graph=retain)
+            traced = [
+                k for k, tensor in enumerate(shared) if tensor.requires_grad
+            ]  # e.g. not frozen DeepStack mergers
+            gradients.add_through(
+                [shared[k] for k in traced],
+                layout.vision_parameters,
+                sample_rows,
+                [cotangents[k] for k in traced],
+                retain_graph=retain,
+            )
     return gradients, loss_sums

@@ -84,20 +84,21 @@ class RowGradients:
 
     def add_through(
         self,
-        shared: torch.Tensor,
+        shared: Sequence[torch.Tensor],
         parameters: Sequence[nn.Parameter],
         rows: list[int],
-        row_gradients: torch.Tensor,
+        row_gradients: Sequence[torch.Tensor],
         retain_graph: bool = True,
     ) -> None:
-        """Push ``row_gradients`` (``(len(rows), *shared.shape)``: each row's gradient w.r.t. ``shared``) back to
-        ``parameters`` through ``shared``'s graph, the rows in one vmapped backward, and add the results."""
+        """Push ``row_gradients`` back to ``parameters`` through the graphs of the ``shared`` tensors, the rows in one
+        vmapped backward, and add the results. ``row_gradients[k]`` is ``(len(rows), *shared[k].shape)``: each row's
+        gradient with respect to ``shared[k]``."""
         if not parameters:
             return
         per_parameter = torch.autograd.grad(
-            shared,
+            list(shared),
             list(parameters),
-            grad_outputs=row_gradients,
+            grad_outputs=list(row_gradients),
             is_grads_batched=True,
             allow_unused=True,
             retain_graph=retain_graph,

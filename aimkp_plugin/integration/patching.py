@@ -1,14 +1,15 @@
-"""The patch registry: which function patches which LLaMA-Factory module, version support, and status.
+"""The patch mechanism: replacing an attribute of a LLaMA-Factory module reversibly, applying the patches of the
+touch-point table (:mod:`~aimkp_plugin.integration.touch_points`), version support, and what happened.
 
-``_bootstrap.PostImportFinder`` calls :func:`on_module_imported` right after each hooked module executed. Each
-patch is a named ``_patch_<module>_<target>`` function in the integration module of its touch point, with a
-docstring saying what it replaces, why, and the versions it was tested on. Applying a patch twice is a no-op, and
-:func:`revert_all` puts every original back.
+``_bootstrap.PostImportFinder`` calls :func:`on_module_imported` right after each hooked module executed. Applying a
+patch twice is a no-op, and :func:`revert_all` puts every original back. The patch modules import this module; this
+module imports them only through the table's names, when their LLaMA-Factory module is imported.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import plugin_disabled
+from .touch_points import GUARD_PATCHES, PATCHES
 
 
 SUPPORTED_LLAMAFACTORY = ((0, 9, 5), (0, 9, 6))  # [lowest, first unsupported)
@@ -111,35 +113,27 @@ def wrap_function(owner: Any, name: str, patch_name: str, wrapper: Callable[...,
     return replace_attribute(owner, name, patch_name, make)
 
 
-def _patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
-    from . import args, dataset, trainer, webui
-
-    return {
-        "llamafactory.hparams.parser": (args._patch_hparams_parser_read_args,),
-        "llamafactory.data.parser": (dataset._patch_data_parser_dataset_attr_join,),
-        "llamafactory.data.converter": (dataset._patch_data_converter_register_cmkp,),
-        "llamafactory.data.loader": (dataset._patch_data_loader_load_single_dataset,),
-        "llamafactory.train.tuner": (args._patch_train_tuner_training_function,),
-        "llamafactory.train.sft.workflow": (trainer._patch_train_sft_workflow_trainer,),
-        "llamafactory.webui.common": (webui._patch_webui_common_clean_cmd,),
-        "llamafactory.webui.locales": (webui._patch_webui_locales_add_aimkp,),
-        "llamafactory.webui.runner": (
-            webui._patch_webui_runner_parse_train_args,
-            webui._patch_webui_runner_initialize,
-        ),
-        "llamafactory.webui.components.train": (webui._patch_webui_components_train_create_train_tab,),
-    }
+def _resolve(table: dict[str, tuple[str, ...]], *modules: str) -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
+    """The entries of ``modules`` (all when none is named), each ``"<module>:<function>"`` replaced by that function
+    of ``aimkp_plugin.integration``. Only the named entries' integration modules are imported."""
+    resolved = {}
+    for hooked in modules or tuple(table):
+        functions = []
+        for name in table.get(hooked, ()):
+            module_name, function = name.split(":")
+            functions.append(getattr(importlib.import_module(f"{__package__}.{module_name}"), function))
+        resolved[hooked] = tuple(functions)
+    return resolved
 
 
-def _guard_patches() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
-    """Applied instead of the patches while the plugin is inactive: refuse configs that ask for AimKP, and say why the
-    web UI has no AimKP section."""
-    from . import args, webui
+def registry(*modules: str) -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
+    """The patches of the hooked ``modules`` (all when none is named), as functions."""
+    return _resolve(PATCHES, *modules)
 
-    return {
-        "llamafactory.hparams.parser": (args._patch_hparams_parser_refuse_aimkp,),
-        "llamafactory.webui.components.train": (webui._patch_webui_components_train_warn_inactive,),
-    }
+
+def guard_registry(*modules: str) -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
+    """The patches applied instead while the plugin is inactive."""
+    return _resolve(GUARD_PATCHES, *modules)
 
 
 def _check_activation() -> str | None:
@@ -178,8 +172,8 @@ def apply_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> bool
 
 def on_module_imported(module: ModuleType) -> None:
     """Entry point of the post-import hook: patch ``module`` if the registry names it."""
-    registry = _guard_patches() if _check_activation() else _patches()
-    for patch in registry.get(module.__name__, ()):
+    patches = (guard_registry if _check_activation() else registry)(module.__name__)
+    for patch in patches.get(module.__name__, ()):
         apply_patch(patch, module)
 
 
@@ -189,10 +183,8 @@ def apply_aimkp_to_llamafactory() -> PatchStatus:
     Needed only by programs that run without the ``.pth`` activation (for example ``python -S``); calling it again
     changes nothing.
     """
-    import importlib
-
-    registry = _guard_patches() if _check_activation() else _patches()
-    for module_name, patches in registry.items():
+    table = guard_registry() if _check_activation() else registry()
+    for module_name, patches in table.items():
         module = importlib.import_module(module_name)
         for patch in patches:
             apply_patch(patch, module)

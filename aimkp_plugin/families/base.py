@@ -1,0 +1,141 @@
+"""What the plugin knows about a model family, as one object: the base class every family module fills in.
+
+A family answers four questions, and the rest of the plugin asks it instead of branching on ``model_type``:
+
+1. **Image tokens and grids.** Which token id the image features replace, how many rows of ``pixel_values`` each
+   image has, and the 2-D grid (or grids, one per tile) its tokens form. Image tokens outside every grid (a newline
+   or separator the model inserts among them) stay visible in a masked copy; so do the special tokens around an
+   image (``<|vision_start|>``, ``<img>``), which are not image tokens at all.
+2. **Encoding images once** (the fast step): which modules produce the image features, how to run them, and how to
+   call the language model with the features in place (:class:`~aimkp_plugin.method.fast_step.FastStepFamily`).
+3. **Positions.** The original position ids of a sample: ``0..L-1`` for 1-D rope, the collator's rows for a
+   multimodal rope. A dropped token's neighbours keep theirs.
+4. **Tiny models.** The offline tiny checkpoints the tests, benchmarks and demo use, and their LLaMA-Factory template.
+
+A model type without a family gets :class:`GenericFamily`: images masked with the 1-D fallback and the reference step,
+with a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..method.fast_step import ImageFeatures
+from ..method.types import ImageSpan, SampleInputs, TokenGrid
+
+
+if TYPE_CHECKING:
+    from ..models.building import TinyModelSpec
+
+
+class ImageLayoutError(ValueError):
+    """An image's tokens do not form the layout its model family expects."""
+
+
+@dataclass(frozen=True)
+class FamilyDescription:
+    """One row of the README's "Supported models" table."""
+
+    grid: str  # what the image grid is
+    masked: str  # which tokens an image copy masks, and which stay visible
+    positions: str  # how positions are kept when tokens are dropped
+
+
+class ModelFamily:
+    """A model family: override what differs from LLaVA-style models (one image token per feature row, 1-D rope)."""
+
+    name: ClassVar[str] = "generic"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    templates: ClassVar[tuple[str, ...]] = ()  # LLaMA-Factory templates that fit
+    projector: ClassVar[str] = ""  # the projector's module name, for ``additional_target`` in recipes
+    description: ClassVar[FamilyDescription] = FamilyDescription(
+        "none (1-D fallback)", "every γ-th image token", "1-D"
+    )
+    per_image_keys: ClassVar[tuple[str, ...]] = ()  # batch keys with one row per image (e.g. image_grid_thw)
+    has_fast_step: ClassVar[bool] = True
+    tiny_models: ClassVar[tuple[TinyModelSpec, ...]] = ()
+
+    # ------------------------------------------------------------------ image tokens and grids
+
+    def image_token_id(self, config: Any) -> int | None:
+        """The image placeholder token id of a model config (``image_token_index`` or ``image_token_id``)."""
+        for name in ("image_token_index", "image_token_id"):
+            value = getattr(config, name, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    def pixel_rows(self, config: Any, token_count: int, image_inputs: dict[str, torch.Tensor]) -> int:
+        """How many rows of the batch's ``pixel_values`` one image takes (one by default)."""
+        return 1
+
+    def image_grids(self, config: Any, token_count: int, image_inputs: dict[str, torch.Tensor]) -> list[TokenGrid]:
+        """The grids of one image's ``token_count`` tokens, positions counted from the image's first token.
+
+        Raises :class:`ImageLayoutError` when the count does not fit the family's layout."""
+        raise NotImplementedError
+
+    def image_span(self, config: Any, positions: list[int], image_inputs: dict[str, torch.Tensor]) -> ImageSpan:
+        """The :class:`ImageSpan` of one image whose tokens sit at ``positions``."""
+        grids = self.image_grids(config, len(positions), image_inputs)
+        shifted = tuple(
+            TokenGrid(grid.height, grid.width, tuple(positions[offset] for offset in grid.positions)) for grid in grids
+        )
+        return ImageSpan(positions, shifted)
+
+    # ------------------------------------------------------------------ the fast step
+
+    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
+        raise NotImplementedError
+
+    def position_ids(self, sample: SampleInputs) -> torch.Tensor:
+        """``0..L-1`` as ``(1, L)``: 1-D rope."""
+        return torch.arange(sample.model_inputs["input_ids"].shape[1])[None]
+
+    def language_logits(
+        self,
+        model: nn.Module,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        image_mask: torch.Tensor,
+        extras: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """The whole model from ``inputs_embeds`` (the image features already in place)."""
+        return model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+
+    # ------------------------------------------------------------------ tiny models
+
+    def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
+        raise NotImplementedError(f"the {self.name} family has no tiny-model builder")
+
+
+def stacked_pixel_values(samples: Sequence[SampleInputs], *keys: str) -> tuple[torch.Tensor, ...] | None:
+    """``pixel_values`` (and ``keys``) of every sample that has images, concatenated in order; None without images."""
+    with_images = [sample.model_inputs for sample in samples if "pixel_values" in sample.model_inputs]
+    if not with_images:
+        return None
+    return tuple(torch.cat([inputs[key] for inputs in with_images]) for key in ("pixel_values", *keys))
+
+
+class GenericFamily(ModelFamily):
+    """A model type no family module describes: images masked with the 1-D fallback, the reference step only."""
+
+    has_fast_step = False
+
+    def __init__(self, model_type: str) -> None:
+        self.name = model_type
+
+    def image_span(self, config: Any, positions: list[int], image_inputs: dict[str, torch.Tensor]) -> ImageSpan:
+        return ImageSpan(positions, None)

@@ -1,0 +1,87 @@
+"""The package's layering, read from its import statements: no import cycles between modules, the method core never
+imports the data layer, a model family or the integration, and no code outside the family modules branches on
+``model_type``."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from .conftest import REPO
+
+
+PACKAGE = REPO / "aimkp_plugin"
+LAYERS = {  # package -> packages it must never import
+    "aimkp_plugin.method": ("aimkp_plugin.data", "aimkp_plugin.families", "aimkp_plugin.integration"),
+    "aimkp_plugin.data": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
+    "aimkp_plugin.families": ("aimkp_plugin.integration",),
+    "aimkp_plugin.config": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The package modules ``path`` imports (``from . import x`` counts as ``package.x``)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    modules = {module_name(file) for file in PACKAGE.rglob("*.py")}
+    return {item for item in found if item in modules and item != name}
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(path): imports_of(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_no_import_cycles() -> None:
+    edges = graph()
+    visiting, done, cycles = [], set(), []
+
+    def visit(node: str) -> None:
+        if node in done:
+            return
+        if node in visiting:
+            cycles.append(visiting[visiting.index(node) :] + [node])
+            return
+        visiting.append(node)
+        for target in sorted(edges.get(node, ())):
+            if not target.endswith("__init__") and target != node.rsplit(".", 1)[0]:
+                visit(target)
+        visiting.pop()
+        done.add(node)
+
+    for node in sorted(edges):
+        visit(node)
+    assert cycles == []
+
+
+def test_layers_import_only_downwards() -> None:
+    violations = []
+    for module, targets in graph().items():
+        for layer, forbidden in LAYERS.items():
+            if module == layer or module.startswith(layer + "."):
+                violations += [(module, target) for target in targets if target.startswith(forbidden)]
+    assert violations == []
+
+
+def test_only_family_modules_branch_on_model_type() -> None:
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in PACKAGE.rglob("*.py")
+        if "model_type ==" in path.read_text() and path.parent.name != "families"
+    ]
+    assert offenders == []
