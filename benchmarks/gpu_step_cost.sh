@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# benchmarks/step_cost.py --device cuda --bf16 for every model family, one JSON per family in OUT (default build/gpu).
+# benchmarks/step_cost.py --device cuda --bf16 for every model family (or MODELS), one JSON per family in OUT
+# (default build/gpu).
 # Run from the repository root on a machine with one CUDA GPU and the project's pins installed. Where only torch is
 # installed, put the other wheels of constraints.txt and the repository on PYTHONPATH first (step_cost.py applies
 # the plugin's patches itself when the .pth activation is missing).
@@ -8,7 +9,7 @@ out=${OUT:-build/gpu}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
-for model in llava-576 qwen2vl qwen2_5vl qwen3vl internvl; do
+for model in ${MODELS:-llava-576 qwen2vl qwen2_5vl qwen3vl internvl gemma3 llava_next}; do
     start=$(date +%s)
     python3 benchmarks/step_cost.py --model "$model" --device cuda --bf16 --repeats "${REPEATS:-10}" \
         --out "$out/step_cost_$model.json" >"$out/step_cost_$model.log" 2>&1

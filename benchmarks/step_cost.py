@@ -35,6 +35,8 @@ MODELS = {  # benchmark name -> (tiny model, extra LLaMA-Factory keys); template
     "qwen2_5vl": ("qwen2_5vl", {"image_min_pixels": 672 * 672}),
     "qwen3vl": ("qwen3vl", {"image_min_pixels": 768 * 768}),
     "internvl": ("internvl-448", {}),
+    "gemma3": ("gemma3", {}),
+    "llava_next": ("llava_next", {}),
 }
 
 
@@ -140,7 +142,9 @@ def main() -> None:
     samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(options.batch)))
     config = StepConfig(modalities=["text", "image"], thresholds={"text": 0.1, "image": 0.4})
     tokens = sum(sample.num_answer_tokens for sample in samples)
-    layout = fast_step_layout(model, family_for(model.config.model_type))
+    family = family_for(model.config.model_type)
+    layout = fast_step_layout(model, family)
+    reference_mask = family.reference_mask_builder(model)
     autocast = torch.autocast(options.device, dtype=torch.bfloat16, enabled=options.bf16)
     mask_dtype = torch.bool
 
@@ -162,7 +166,7 @@ def main() -> None:
         state = state_at(stride)
         with autocast:
             for sample in samples:
-                reference_sample_step(model, parameters, sample, state, config, tokens, mask_dtype)
+                reference_sample_step(model, parameters, sample, state, config, tokens, mask_dtype, 0, reference_mask)
 
     def fast_step(stride: int) -> None:
         model.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from aimkp_plugin.data.cmkp import iter_records
+from aimkp_plugin.families import family_for
 from aimkp_plugin.integration.batches import BatchSplitter
 from aimkp_plugin.method.state import CurriculumState, ModalityState, next_modality_state
 from aimkp_plugin.method.step import reference_sample_step
@@ -32,7 +33,10 @@ FAMILIES = {
     "qwen2_5vl": ("qwen2_vl", "images"),
     "qwen3vl": ("qwen3_vl_nothink", "images_wide"),
     "internvl": ("intern_vl", "images_wide"),
+    "gemma3": ("gemma3", "images"),
+    "llava_next": ("llava_next", "images_wide"),  # anyres with unpadding: the wide picture loses rows
 }
+BIDIRECTIONAL_IMAGES = {"gemma3"}  # image tokens of one image attend to each other both ways
 STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with text 3; text off, image 8
     (ModalityState(2), ModalityState(2)),
     (ModalityState(3), ModalityState(4, frozen=True)),
@@ -77,15 +81,15 @@ def load_model(path: Path, attention: str) -> torch.nn.Module:
     return model.train()
 
 
-def spec_hidden(text: list[int], grids: list[list[int]], grid_shape: tuple[int, int], modality: str, stride: int):
+def spec_hidden(text: list[int], grids: list[list[int]], shapes: list[tuple[int, int]], modality: str, stride: int):
     """Hidden positions straight from the spec's formulas; ``grids`` holds the row-major positions of each grid (one
-    per InternVL tile), every grid ``grid_shape``; each applies the rule on its own."""
+    per InternVL tile; LLaVA-NeXT's base grid and high-resolution area), ``shapes`` their (rows, cols); each applies
+    the rule on its own."""
     if modality == "text":
         keep = {p for p in range(len(text)) if (p + 1) % stride == 0} or {len(text) - 1}
         return [position for offset, position in enumerate(text) if offset not in keep]
-    rows, cols = grid_shape
     hidden = []
-    for positions in grids:
+    for positions, (rows, cols) in zip(grids, shapes, strict=True):
         keep = {
             r * cols + c
             for r in range(rows)
@@ -99,17 +103,36 @@ def spec_hidden(text: list[int], grids: list[list[int]], grid_shape: tuple[int, 
 
 def truth_layout(family: str, config, batch: dict, row: int, visible, image: list[int], pixel_offset: int):
     """The model inputs of one sample and its image grids, read off the batch independently of the plugin:
-    ``(inputs without input_ids/labels, grids, grid shape, pixel rows used)``."""
+    ``(inputs without input_ids/labels, grids, their shapes, pixel rows used)``."""
     if family == "llava":
         side = math.isqrt(len(image))
-        return {"pixel_values": batch["pixel_values"][row : row + 1].double()}, [image], (side, side), 1
+        return {"pixel_values": batch["pixel_values"][row : row + 1].double()}, [image], [(side, side)], 1
+    if family == "gemma3":
+        side = math.isqrt(config.mm_tokens_per_image)
+        return {"pixel_values": batch["pixel_values"][row : row + 1].double()}, [image], [(side, side)], 1
+    if family == "llava_next":  # the model's own anyres helpers: the stitched tiles unpadded, a newline per row
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        size = batch["image_sizes"][row].tolist()
+        g = config.vision_config.image_size // config.vision_config.patch_size
+        tiles_h, tiles_w = get_anyres_image_grid_shape(
+            size, config.image_grid_pinpoints, config.vision_config.image_size
+        )
+        rows, cols = unpad_image(torch.zeros(1, tiles_h * g, tiles_w * g), size).shape[1:]
+        assert len(image) == g * g + rows * (cols + 1)
+        high_res = [image[g * g + r * (cols + 1) + c] for r in range(rows) for c in range(cols)]
+        inputs = {
+            "pixel_values": batch["pixel_values"][row : row + 1].double(),
+            "image_sizes": batch["image_sizes"][row : row + 1],
+        }
+        return inputs, [image[: g * g], high_res], [(g, g), (rows, cols)], 1
     if family == "internvl":
         per_tile = config.image_seq_length  # each tile: a square grid of tokens after the pixel shuffle
         tiles = len(image) // per_tile
         side = math.isqrt(per_tile)
         inputs = {"pixel_values": batch["pixel_values"][pixel_offset : pixel_offset + tiles].double()}
         grids = [image[tile * per_tile : (tile + 1) * per_tile] for tile in range(tiles)]
-        return inputs, grids, (side, side), tiles
+        return inputs, grids, [(side, side)] * tiles, tiles
     merge = config.vision_config.spatial_merge_size
     thw = batch["image_grid_thw"][row : row + 1]
     patches = int(thw.prod())
@@ -118,12 +141,18 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
         "image_grid_thw": thw,
         "position_ids": batch["position_ids"][:, row : row + 1][..., visible],
     }
-    return inputs, [image], (int(thw[0, 1]) // merge, int(thw[0, 2]) // merge), patches
+    return inputs, [image], [(int(thw[0, 1]) // merge, int(thw[0, 2]) // merge)], patches
 
 
-def ground_truth_gradient(model, inputs: dict, hidden: list[int], parameters) -> tuple[list[torch.Tensor], int]:
+def ground_truth_gradient(
+    model, inputs: dict, hidden: list[int], parameters, image: list[int] | None = None
+) -> tuple[list[torch.Tensor], int]:
+    """``image``: the positions of one bidirectional image block (Gemma 3), every pair of which may attend."""
     length = inputs["input_ids"].shape[1]
     allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    for query in image or []:
+        for key in image:
+            allowed[query, key] = True
     for position in hidden:
         allowed[:, position] = False
         allowed[position, position] = True
@@ -165,16 +194,21 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         extra, grids, grid, used = truth_layout(family, config, batch, row, visible, image, pixel_offset)
         pixel_offset += used
         layouts.append((len(grids), grid))
+        bidirectional = image if family in BIDIRECTIONAL_IMAGES else None
         inputs = {"input_ids": ids[None], "labels": batch["labels"][row][visible][None], **extra}
         encoded = tokenizer.encode(post.text, add_special_tokens=False)
         start = next(i for i in range(len(ids)) if ids[i : i + len(encoded)].tolist() == encoded)
         text = list(range(start, start + len(encoded)))
         gradients, n_tokens = {}, 0
-        gradients["original"], n_tokens = ground_truth_gradient(truth_model, inputs, [], truth_parameters)
+        gradients["original"], n_tokens = ground_truth_gradient(
+            truth_model, inputs, [], truth_parameters, bidirectional
+        )
         for modality, state in zip(("text", "image"), STRIDES[row], strict=True):
             if state.stride > 1:
                 hidden = spec_hidden(text, grids, grid, modality, state.stride)
-                gradients[modality], _ = ground_truth_gradient(truth_model, inputs, hidden, truth_parameters)
+                gradients[modality], _ = ground_truth_gradient(
+                    truth_model, inputs, hidden, truth_parameters, bidirectional
+                )
         cosines = {
             name: float(torch.nn.functional.cosine_similarity(flat(gradients["original"]), flat(g), dim=0))
             for name, g in gradients.items()
@@ -183,9 +217,11 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         truth.append((gradients, n_tokens, cosines))
 
     if family == "qwen3vl":
-        assert all(rows != cols for _, (rows, cols) in layouts), layouts  # non-square merged grids
+        assert all(rows != cols for _, [(rows, cols)] in layouts), layouts  # non-square merged grids
     if family == "internvl":
         assert all(tiles > 1 for tiles, _ in layouts), layouts  # tiles plus a thumbnail
+    if family == "llava_next":  # unpadded: the high-resolution area is not the stitched tiles' full square
+        assert all(shapes[1][0] != shapes[1][1] for _, shapes in layouts), layouts
 
     # thresholds between observed cosines, so that some copies are kept and some dropped
     text_cosines = sorted(cos["text"] for _, _, cos in truth if "text" in cos)
@@ -210,7 +246,10 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
     config = StepConfig(modalities=["text", "image"], thresholds=thresholds)
     batch_for_plugin = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
     samples = BatchSplitter(model.config, tokenizer).split(batch_for_plugin, [0, 1, 2])
-    outcomes = [reference_sample_step(model, parameters, s, state, config, total_tokens, torch.bool) for s in samples]
+    mask = family_for(model.config.model_type).reference_mask_builder(model)
+    outcomes = [
+        reference_sample_step(model, parameters, s, state, config, total_tokens, torch.bool, 0, mask) for s in samples
+    ]
 
     for outcome, (_, n_tokens, cosines) in zip(outcomes, truth, strict=True):
         assert outcome.num_answer_tokens == n_tokens
@@ -254,7 +293,8 @@ def test_hidden_tokens_do_not_influence_the_loss(family: str, tiny_models: dict,
 
                 handle = model.model.language_model.register_forward_pre_hook(perturb, with_kwargs=True)
             with torch.no_grad():
-                logits = model(**masked_inputs(sample, hidden, torch.bool)).logits
+                mask = family_for(model.config.model_type).reference_mask_builder(model)
+                logits = model(**masked_inputs(sample, hidden, torch.bool, mask)).logits
             losses.append(float(summed_cross_entropy(logits, sample.labels)))
             if handle is not None:
                 handle.remove()
@@ -370,3 +410,45 @@ def test_image_that_does_not_fit_the_family_layout_is_an_error(
         expected = rf"training sample 7, image 1: the {family} model family .* {count} image tokens"
     with pytest.raises(ImageLayoutError, match=expected):
         BatchSplitter(config, tokenizer).split(batch, [7])
+
+
+def test_gemma3_hidden_image_token_is_invisible_inside_the_bidirectional_block(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """Gemma 3's image tokens see each other both ways. In an image copy, a hidden image token must still influence
+    no other token (neither the image tokens after it nor those before it), while a kept image token does reach the
+    image tokens before it (the block stays bidirectional among the kept tokens)."""
+    from aimkp_plugin.method.step import masked_inputs
+    from aimkp_plugin.method.variants import hidden_for
+
+    batch, tokenizer = llamafactory_batch(tiny_models["gemma3"], "gemma3", cmkp_workspace, tmp_path, size=1)
+    model = load_model(tiny_models["gemma3"], "sdpa").eval()
+    batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
+    sample = BatchSplitter(model.config, tokenizer).split(batch, [0])[0]
+    image = sample.spans.image_positions
+    hidden = hidden_for(sample.spans, "image", 2)
+    inputs = masked_inputs(sample, hidden, torch.bool, family_for("gemma3").reference_mask_builder(model))
+
+    def logits_with(position: int | None) -> torch.Tensor:
+        def perturb(module, args, kwargs):
+            embeds = kwargs["inputs_embeds"].clone()
+            embeds[:, position] += 3.0
+            return args, {**kwargs, "inputs_embeds": embeds}
+
+        handle = model.model.language_model.register_forward_pre_hook(perturb, with_kwargs=True)
+        if position is None:
+            handle.remove()
+        try:
+            with torch.no_grad():
+                return model(**inputs).logits[0]
+        finally:
+            handle.remove()
+
+    base = logits_with(None)
+    others = [position for position in range(base.shape[0]) if position not in hidden]
+    first_hidden = hidden[0]
+    assert image[0] == first_hidden and any(position > first_hidden for position in image if position not in hidden)
+    torch.testing.assert_close(logits_with(first_hidden)[others], base[others], rtol=0, atol=1e-10)
+    last_kept = max(position for position in image if position not in hidden)
+    earlier_kept = min(position for position in image if position not in hidden)
+    assert (logits_with(last_kept)[earlier_kept] - base[earlier_kept]).abs().max() > 1e-6

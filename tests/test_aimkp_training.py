@@ -16,9 +16,16 @@ from aimkp_plugin.method.state import STATE_FILE
 from .conftest import tiny_train_config
 
 
-FAMILY_TEMPLATES = {"llava": "llava", "qwen2vl": "qwen2_vl", "qwen3vl": "qwen3_vl_nothink", "internvl": "intern_vl"}
-FAMILY_NAMES = {"llava": "llava", "qwen2vl": "qwen2_vl", "qwen3vl": "qwen3_vl", "internvl": "internvl"}
-WIDE = {"qwen3vl", "internvl"}  # trained on wide pictures: non-square grids, tiled images
+FAMILY_TEMPLATES = {
+    "llava": "llava",
+    "qwen2vl": "qwen2_vl",
+    "qwen3vl": "qwen3_vl_nothink",
+    "internvl": "intern_vl",
+    "gemma3": "gemma3",
+    "llava_next": "llava_next",
+}
+FAMILY_NAMES = {"qwen2vl": "qwen2_vl", "qwen3vl": "qwen3_vl"}  # tiny model -> family, where the names differ
+WIDE = {"qwen3vl", "internvl", "llava_next"}  # trained on wide pictures: non-square grids, tiled images
 MODALITIES = ("text", "image")
 ALWAYS_LOGGED = {f"aimkp_{m}_{name}" for m in MODALITIES for name in ("mean_stride", "frozen_fraction", "copies")}
 LOGGED_WITH_COPIES = {f"aimkp_{m}_{name}" for m in MODALITIES for name in ("keep_rate", "mean_cosine")}
@@ -79,7 +86,7 @@ def test_three_epochs_with_aimkp(
     result = llamafactory_runner(config)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "AimKP curriculum: text mean stride" in result.stdout
-    assert f"the fast AimKP step runs for the {FAMILY_NAMES[family]} family" in result.stdout
+    assert f"the fast AimKP step runs for the {FAMILY_NAMES.get(family, family)} family" in result.stdout
     assert "fallback" not in result.stdout and "reference step runs instead" not in result.stdout
 
     after_epoch_one = read_state(out / "checkpoint-4")

@@ -81,7 +81,10 @@ def run_reference(model, samples, config: StepConfig, tokens: float):
     model.zero_grad(set_to_none=True)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     state = fresh_state()
-    outcomes = [reference_sample_step(model, parameters, s, state, config, tokens, torch.bool) for s in samples]
+    mask = family_for(model.config.model_type).reference_mask_builder(model)
+    outcomes = [
+        reference_sample_step(model, parameters, s, state, config, tokens, torch.bool, 0, mask) for s in samples
+    ]
     return outcomes, state, [parameter.grad.clone() for parameter in parameters]
 
 
@@ -172,7 +175,8 @@ def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None
     outcomes, left, state, _ = run_fast(model, changed, config, tokens)
     assert left == [0] and [outcome.index for outcome in outcomes] == [1, 2, 3]
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    reference_sample_step(model, parameters, changed[0], state, config, tokens, torch.bool)
+    mask = family_for(model.config.model_type).reference_mask_builder(model)
+    reference_sample_step(model, parameters, changed[0], state, config, tokens, torch.bool, 0, mask)
     for parameter, expected in zip(parameters, expected_grads, strict=True):
         torch.testing.assert_close(parameter.grad, expected, rtol=1e-9, atol=1e-13)
 
@@ -191,7 +195,7 @@ TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
 
 
 @pytest.mark.parametrize("setup", list(TRAINING_SETUPS))
-@pytest.mark.parametrize("family", ["llava", "qwen2vl", "qwen3vl", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2vl", "qwen3vl", "internvl", "gemma3", "llava_next"])
 def test_five_optimizer_steps_match_the_reference(
     family: str, setup: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:

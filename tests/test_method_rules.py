@@ -239,3 +239,11 @@ def test_tiled_image_applies_the_rule_per_tile_and_leaves_other_image_tokens_vis
     assert hidden_for(spans, "image", 2) == [10, 11, 12, 15, 16, 17]
     assert hidden_for(spans, "image", 4) == [10, 11, 12, 15, 16, 17]
     assert 14 not in hidden_for(spans, "image", 8)
+
+
+def test_spans_leave_out_whitespace_at_both_ends() -> None:
+    """Gemma 3 puts a blank line between ``<end_of_image>`` and the post text: it is not post text."""
+    image, end_of_image, blank, newline, *instruction = 99, 98, 6, 5, 40, 41
+    ids = [1, image, image, end_of_image, blank, 7, 8, newline] + instruction + [50]
+    _, text = spans_of(ids, [-100] * (len(ids) - 1) + [50], image, {end_of_image}, [instruction], {blank, newline})
+    assert text.positions == [5, 6] and text.instruction_found

@@ -19,7 +19,7 @@ RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
 def test_all_expected_recipes_exist() -> None:
     names = {path.relative_to(REPO / "recipes").as_posix() for path in RECIPES}
-    for family in ("llava", "qwen2vl", "qwen2_5vl", "qwen3vl", "internvl"):
+    for family in ("llava", "qwen2vl", "qwen2_5vl", "qwen3vl", "internvl", "gemma3", "llava_next"):
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names
         assert {f"predict_{family}_text_only.yaml", f"predict_{family}_image_only.yaml"} <= names
     assert {"demo/demo_llava_train.yaml", "demo/demo_llava_predict.yaml"} <= names

@@ -45,7 +45,17 @@ def test_llava_576_has_the_real_24x24_grid_and_stays_small(cmkp_workspace: Path,
 
 
 def test_every_tiny_model_is_small() -> None:
-    assert set(TINY_MODELS) == {"llava", "llava-576", "qwen2vl", "qwen2_5vl", "qwen3vl", "internvl", "internvl-448"}
+    assert set(TINY_MODELS) == {
+        "llava",
+        "llava-576",
+        "qwen2vl",
+        "qwen2_5vl",
+        "qwen3vl",
+        "internvl",
+        "internvl-448",
+        "gemma3",
+        "llava_next",
+    }
     for spec in TINY_MODELS.values():
         assert spec.hidden_size <= 64 and spec.num_layers <= 2
 

@@ -108,3 +108,13 @@ def test_aimkp_with_packing_is_rejected_before_loading(
     result = llamafactory_runner(config)
     assert result.returncode != 0 and "cannot be combined with packing: true" in result.stdout
     assert "Loading dataset" not in result.stdout
+
+
+def test_gemma3_with_a_template_that_drops_its_image_blocks_is_rejected_before_loading(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    config = tiny_train_config(tiny_models["gemma3"], "llava", cmkp_workspace, tmp_path / "out", aimkp=True)
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert "aimkp: true with a gemma3 model: template: llava does not mark Gemma 3's image tokens" in result.stdout
+    assert "Set template: gemma3." in result.stdout and "Loading dataset" not in result.stdout

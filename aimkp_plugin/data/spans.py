@@ -3,7 +3,8 @@
 - Image tokens: the positions holding the model's image token id before the answer, in contiguous blocks (one per
   image). What grid a block forms is the model family's business (``aimkp_plugin.families``).
 - Text: the tokens after the last image block (and the special tokens closing the image) up to the instruction,
-  found by its token ids; trailing whitespace-only tokens (the newline before the instruction) are left out. If the
+  found by its token ids; whitespace-only tokens at either end (the newline before the instruction, Gemma 3's blank
+  line after the image) are left out. If the
   instruction cannot be found, the span runs to the next special token or the first answer token (and the caller is
   told). A sample without image tokens has no anchor, so its text span is empty (neither modality is masked for it).
 
@@ -83,4 +84,6 @@ def find_text_span(
         end = next((index for index in range(start, answer_start) if ids[index] in skip_after_image), answer_start)
     while end > start and is_whitespace(ids[end - 1]):
         end -= 1
+    while start < end and is_whitespace(ids[start]):  # e.g. Gemma 3's "\n\n" after <end_of_image>
+        start += 1
     return TextSpan(list(range(start, end)), found)

@@ -9,8 +9,10 @@ reference step). To add a family, write its module (see ``llava.py`` for the sma
 from __future__ import annotations
 
 from .base import FamilyDescription, GenericFamily, ImageLayoutError, ModelFamily
+from .gemma3 import Gemma3Family
 from .internvl import InternVLFamily
 from .llava import LlavaFamily
+from .llava_next import LlavaNextFamily
 from .qwen2_vl import Qwen25VLFamily, QwenVLFamily
 from .qwen3_vl import Qwen3VLFamily
 
@@ -21,6 +23,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
     Qwen25VLFamily(),
     Qwen3VLFamily(),
     InternVLFamily(),
+    Gemma3Family(),
+    LlavaNextFamily(),
 )
 FAMILY_TABLE: dict[str, ModelFamily] = {model_type: family for family in FAMILIES for model_type in family.model_types}
 

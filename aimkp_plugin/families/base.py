@@ -18,7 +18,8 @@ with a warning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ..method.fast_step import ImageFeatures
+from ..method.masking import visibility_attention_mask
 from ..method.types import ImageSpan, SampleInputs, TokenGrid
 
 
@@ -58,6 +60,7 @@ class ModelFamily:
         "none (1-D fallback)", "every γ-th image token", "1-D"
     )
     per_image_keys: ClassVar[tuple[str, ...]] = ()  # batch keys with one row per image (e.g. image_grid_thw)
+    per_token_keys: ClassVar[tuple[str, ...]] = ()  # batch keys shaped like input_ids (e.g. token_type_ids)
     has_fast_step: ClassVar[bool] = True
     tiny_models: ClassVar[tuple[TinyModelSpec, ...]] = ()
 
@@ -89,9 +92,27 @@ class ModelFamily:
         )
         return ImageSpan(positions, shifted)
 
+    # ------------------------------------------------------------------ attention and run checks
+
+    def reference_attention_mask(
+        self, model: nn.Module, sample: SampleInputs, hidden: list[int], dtype: torch.dtype
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The reference step's mask for a copy hiding ``hidden``: causal, no token attending to a hidden one."""
+        length = sample.model_inputs["input_ids"].shape[1]
+        return visibility_attention_mask(length, hidden, dtype, sample.model_inputs["input_ids"].device)
+
+    def reference_mask_builder(self, model: nn.Module) -> Callable[[SampleInputs, list[int], torch.dtype], Any]:
+        """:meth:`reference_attention_mask` bound to ``model``: the reference step's ``attention_mask`` argument."""
+        return functools.partial(self.reference_attention_mask, model)
+
+    def run_problems(self, model_config: dict[str, Any], setting: Callable[[str], Any]) -> list[str]:
+        """Settings of a run that AimKP cannot be exact with for this family, each naming the setting and the fix;
+        checked before the model loads. ``setting(name)`` reads the run's config."""
+        return []
+
     # ------------------------------------------------------------------ the fast step
 
-    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
+    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         raise NotImplementedError
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
@@ -119,6 +140,20 @@ class ModelFamily:
 
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
         raise NotImplementedError(f"the {self.name} family has no tiny-model builder")
+
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def attention_mask_dtype(model: nn.Module, compute_dtype: torch.dtype) -> torch.dtype:
+    """Boolean masks for SDPA, additive float masks for eager attention; other kernels cannot take the mask."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"aimkp: true needs attention that takes a custom mask ({', '.join(SUPPORTED_ATTENTION)}); the model "
+            f"runs {implementation}. Set flash_attn: sdpa."
+        )
+    return torch.bool if implementation == "sdpa" else compute_dtype
 
 
 def stacked_pixel_values(samples: Sequence[SampleInputs], *keys: str) -> tuple[torch.Tensor, ...] | None:

@@ -99,8 +99,8 @@ class InternVLFamily(ModelFamily):
             TokenGrid(side, side, tuple(range(start, start + per_tile))) for start in range(0, token_count, per_tile)
         ]
 
-    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [model.model.vision_tower, model.model.multi_modal_projector]
+    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
         stacked = stacked_pixel_values(samples)

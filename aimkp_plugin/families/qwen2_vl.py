@@ -54,8 +54,8 @@ class QwenVLFamily(ModelFamily):
             )
         return [TokenGrid(rows, cols, tuple(range(token_count)))]
 
-    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [model.model.visual]
+    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return list(model.model.visual.parameters())
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
         stacked = stacked_pixel_values(samples, "image_grid_thw")

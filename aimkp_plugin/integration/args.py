@@ -132,7 +132,14 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
     if model is None:
         raise AimkpConfigError("aimkp: true needs model_name_or_path.")
     trust = str(_config_value(config, "trust_remote_code")).strip().lower() in TRUE_STRINGS
-    check_model_has_image_input(str(model), load_model_config(str(model), trust))
+    model_config = load_model_config(str(model), trust)
+    check_model_has_image_input(str(model), model_config)
+    from ..families import family_for  # torch and the family modules: only once a run asks for AimKP
+
+    family = family_for(model_config.get("model_type"))
+    problems = family.run_problems(model_config, lambda name: _config_value(config, name))
+    if problems:
+        raise AimkpConfigError(f"aimkp: true with a {family.name} model: " + " ".join(problems))
 
 
 def _patch_train_tuner_training_function(module: ModuleType) -> None:

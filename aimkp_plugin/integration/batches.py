@@ -50,7 +50,7 @@ class BatchSplitter:
         self.image_token_id = self.family.image_token_id(model_config)
         if self.image_token_id is None:
             raise UnsupportedBatchError(f"model_type {self.family.name} has no image token id; AimKP needs images.")
-        self.known_keys = set(COMMON_KEYS) | set(self.family.per_image_keys)
+        self.known_keys = set(COMMON_KEYS) | set(self.family.per_image_keys) | set(self.family.per_token_keys)
         self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         self.special_ids = set(self.tokenizer.all_special_ids) | {
             token_id for token_id, token in self.tokenizer.added_tokens_decoder.items() if token.special
@@ -116,6 +116,9 @@ class BatchSplitter:
                 for key in self.family.per_image_keys:
                     if key in batch:
                         inputs[key] = batch[key][numbers.start : numbers.stop]
+            for key in self.family.per_token_keys:
+                if key in batch:
+                    inputs[key] = batch[key][row][visible][None]
             positions = batch.get("position_ids")
             if positions is not None:  # (rows, B, L) multimodal rope positions or (B, L)
                 selected = positions[:, row : row + 1] if positions.dim() == 3 else positions[row : row + 1]

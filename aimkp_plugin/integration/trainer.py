@@ -26,6 +26,7 @@ import torch.distributed as dist
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
 from ..families import ModelFamily, family_for
+from ..families.base import attention_mask_dtype
 from ..method.fast_step import FastStepLayout, FastStepUnsupportedError, fast_batch_step, fast_step_layout
 from ..method.step import reference_sample_step
 from ..method.types import IGNORE_INDEX, StepConfig
@@ -67,20 +68,6 @@ class IndexPassingCollator:
         return getattr(self.collator, name)
 
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def mask_dtype_for(model: Any, compute_dtype: torch.dtype) -> torch.dtype:
-    """Boolean masks for SDPA, additive float masks for eager attention; other kernels cannot take the mask."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    if implementation not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"aimkp: true needs attention that takes a custom mask ({', '.join(SUPPORTED_ATTENTION)}); the model "
-            f"runs {implementation}. Set flash_attn: sdpa."
-        )
-    return torch.bool if implementation == "sdpa" else compute_dtype
-
-
 class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
     """LLaMA-Factory's ``CustomSeq2SeqTrainer`` that runs the AimKP step when the run's config has ``aimkp: true``
     (and is exactly LLaMA-Factory's trainer otherwise)."""
@@ -109,7 +96,8 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             )
             self.aimkp_step_tokens = 0.0
             compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float32
-            self.aimkp_mask_dtype = mask_dtype_for(core, compute_dtype)
+            self.aimkp_mask_dtype = attention_mask_dtype(core, compute_dtype)
+            self.aimkp_reference_mask = self.aimkp_family.reference_mask_builder(core)
             self.aimkp_layout = self._aimkp_fast_layout()
 
     @staticmethod
@@ -194,7 +182,17 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
                 samples = [samples[position] for position in left_to_reference]
             for sample in samples:
                 outcomes.append(
-                    reference_sample_step(core, parameters, sample, state, config, total, self.aimkp_mask_dtype, epoch)
+                    reference_sample_step(
+                        core,
+                        parameters,
+                        sample,
+                        state,
+                        config,
+                        total,
+                        self.aimkp_mask_dtype,
+                        epoch,
+                        self.aimkp_reference_mask,
+                    )
                 )
         self.aimkp_callback.record(outcomes)
         if self.accelerator.gradient_state.sync_gradients:

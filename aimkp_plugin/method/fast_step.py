@@ -71,8 +71,9 @@ class FastStepFamily(Protocol):
     def image_token_id(self, config: object) -> int | None:
         """The id of the tokens whose embeddings are replaced by image features."""
 
-    def vision_modules(self, model: nn.Module) -> list[nn.Module]:
-        """The modules that turn pixels into the image features (vision tower, projector, DeepStack mergers)."""
+    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Every parameter upstream of the image features (vision tower, projector, DeepStack mergers, LLaVA-NeXT's
+        ``image_newline``)."""
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
         """The image features of every image of ``samples`` (None when none has an image)."""
@@ -115,7 +116,7 @@ def fast_step_layout(model: nn.Module, family: FastStepFamily) -> FastStepLayout
     hf_model = base_model_of(model)
     if family.image_token_id(hf_model.config) is None:
         raise FastStepUnsupportedError(f"the {family.name} model has no image token id")
-    vision_ids = {id(p) for module in family.vision_modules(hf_model) for p in module.parameters()}
+    vision_ids = {id(p) for p in family.vision_parameters(hf_model)}
     parameters, linear_modules, vision_parameters, uncovered = [], [], [], []
     for name, module in hf_model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]

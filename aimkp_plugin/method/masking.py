@@ -40,6 +40,16 @@ def hidden_positions(span_positions: list[int], kept_offsets: list[int]) -> list
     return [position for offset, position in enumerate(span_positions) if offset not in kept]
 
 
+def as_attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed`` (bool, True = attend) as an attention mask of ``dtype``: bool as it is (for SDPA), a float dtype as
+    an additive mask, 0 or the dtype's minimum (for eager attention)."""
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
 def visibility_attention_mask(length: int, hidden: list[int], dtype: torch.dtype, device=None) -> torch.Tensor:
     """A (1, 1, L, L) causal mask in which no token attends to a ``hidden`` position.
 
@@ -53,8 +63,4 @@ def visibility_attention_mask(length: int, hidden: list[int], dtype: torch.dtype
         index = torch.tensor(hidden, dtype=torch.long, device=device)
         allowed[:, index] = False
         allowed[index, index] = True
-    if dtype == torch.bool:
-        return allowed[None, None]
-    mask = torch.zeros(length, length, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return as_attention_mask(allowed[None, None], dtype)

@@ -21,12 +21,22 @@ from .types import ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfi
 from .variants import hidden_for, planned_copies, summed_cross_entropy, update_curriculum
 
 
-def masked_inputs(sample: SampleInputs, hidden: list[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+# A model family's attention pattern for a copy: (sample, hidden positions, mask dtype) -> the ``attention_mask``
+# argument of the model (a (1, 1, L, L) mask, or one per layer type). None: causal, with the hidden columns cleared.
+AttentionMaskBuilder = Callable[[SampleInputs, list[int], torch.dtype], object]
+
+
+def masked_inputs(
+    sample: SampleInputs, hidden: list[int], dtype: torch.dtype, attention_mask: AttentionMaskBuilder | None = None
+) -> dict[str, torch.Tensor]:
     """The sample's model inputs with ``hidden`` positions invisible and every position unchanged."""
     inputs = {key: value for key, value in sample.model_inputs.items() if key != "labels"}
     length = inputs["input_ids"].shape[1]
     device = inputs["input_ids"].device
-    inputs["attention_mask"] = visibility_attention_mask(length, hidden, dtype, device)
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask(sample, hidden, dtype)
+    else:
+        inputs["attention_mask"] = visibility_attention_mask(length, hidden, dtype, device)
     if "position_ids" not in inputs:
         inputs["position_ids"] = torch.arange(length, device=device)[None]
     return inputs
@@ -61,10 +71,13 @@ def reference_sample_step(
     total_answer_tokens: float,
     mask_dtype: torch.dtype,
     epoch: int = 0,
+    attention_mask: AttentionMaskBuilder | None = None,
 ) -> SampleOutcome:
     """Run one visit of one sample: gradients into ``.grad``, the state updated, the outcome returned.
 
     A second visit within the same ``epoch`` (a distributed sampler's padding) trains but leaves the state alone.
+    ``attention_mask`` builds a copy's mask for a model family whose attention is not plain causal (Gemma 3's
+    bidirectional image blocks).
     """
     n_tokens = sample.num_answer_tokens
     outcome = SampleOutcome(sample.index, n_tokens, 0.0)
@@ -77,7 +90,7 @@ def reference_sample_step(
     for name, _, hidden in variants:
         if n_tokens == 0:
             break
-        logits = model(**masked_inputs(sample, hidden, mask_dtype)).logits
+        logits = model(**masked_inputs(sample, hidden, mask_dtype, attention_mask)).logits
         loss_sum = summed_cross_entropy(logits, sample.labels)
         if name == ORIGINAL:
             outcome.original_loss_sum = float(loss_sum.detach())
