@@ -84,6 +84,15 @@ class AimkpArguments:
             "SFT's; cutoff_len caps activations at the reference's one-sequence passes, more runs faster."
         },
     )
+    aimkp_fast_buffer_mb: int = field(
+        default=1024,
+        metadata={
+            "help": "For aimkp_impl: fast, the most memory in MiB the per-copy gradient buffer may take (one float32 "
+            "row of all trained parameters per copy). The micro-batch is trained in groups of samples whose copies "
+            "fit, each group's share added before the next (exact); a sample whose copies alone need more forms a "
+            "group of its own. 0: no limit."
+        },
+    )
     aimkp_input_setting: str = field(
         default="full",
         metadata={
@@ -118,6 +127,10 @@ class AimkpArguments:
         if self.aimkp_fast_max_tokens < 0:
             value = self.aimkp_fast_max_tokens
             raise AimkpConfigError(f"aimkp_fast_max_tokens must be an integer >= 0 (0: automatic), got {value}.")
+        self.aimkp_fast_buffer_mb = _to_int("aimkp_fast_buffer_mb", self.aimkp_fast_buffer_mb)
+        if self.aimkp_fast_buffer_mb < 0:
+            value = self.aimkp_fast_buffer_mb
+            raise AimkpConfigError(f"aimkp_fast_buffer_mb must be an integer >= 0 (0: no limit), got {value}.")
         self.aimkp_modalities = _to_modalities(self.aimkp_modalities)
         if self.aimkp_input_setting not in INPUT_SETTINGS:
             allowed = ", ".join(INPUT_SETTINGS)

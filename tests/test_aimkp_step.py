@@ -386,7 +386,7 @@ def test_resume_from_a_checkpoint_without_state_fails_clearly(tmp_path: Path) ->
         AimkpCallback(AimkpArguments(aimkp=True), ["a"]).restore(str(tmp_path))
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2vl", "internvl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2vl", "internvl", "gemma3", "llava_next"])
 def test_image_that_does_not_fit_the_family_layout_is_an_error(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:

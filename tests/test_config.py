@@ -65,6 +65,13 @@ def test_fast_max_tokens_is_a_non_negative_integer() -> None:
         parse_aimkp_arguments({"aimkp_fast_max_tokens": -1})
 
 
+def test_fast_buffer_budget_is_a_non_negative_integer_in_mib() -> None:
+    assert parse_aimkp_arguments({}).aimkp_fast_buffer_mb == 1024
+    assert parse_aimkp_arguments({"aimkp_fast_buffer_mb": "0"}).aimkp_fast_buffer_mb == 0
+    with pytest.raises(AimkpConfigError, match=r"aimkp_fast_buffer_mb must be an integer >= 0"):
+        parse_aimkp_arguments({"aimkp_fast_buffer_mb": -5})
+
+
 def test_unknown_key_suggests_the_closest() -> None:
     with pytest.raises(AimkpConfigError, match="Did you mean 'aimkp_text_threshold'") as error:
         parse_aimkp_arguments({"aimkp_txt_threshold": 0.2})

@@ -100,7 +100,9 @@ def summary(outcomes) -> list:
     return [(o.index, o.num_answer_tokens, [(c.modality, c.stride, c.kept) for c in o.copies]) for o in outcomes]
 
 
-@pytest.fixture(scope="module", params=[*FAMILIES, "llava-checkpointing", "llava-vision", "qwen3vl-vision"])
+@pytest.fixture(
+    scope="module", params=[*FAMILIES, "llava-checkpointing", "llava-vision", "qwen3vl-vision", "gemma3-window"]
+)
 def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
     family = request.param.split("-")[0]
     template, images = FAMILIES[family]
@@ -111,6 +113,8 @@ def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pyt
     model = lora_model(
         tiny_models[family], family, checkpointing="checkpointing" in request.param, vision="vision" in request.param
     )
+    if "window" in request.param:  # Gemma 3's sliding layers see 8 positions back: shorter than every sequence
+        model.config.get_text_config().sliding_window = 8
     samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(BATCH)))
     tokens = float(sum(sample.num_answer_tokens for sample in samples))
     # thresholds between observed cosines, so that some copies are kept and some dropped
@@ -158,6 +162,26 @@ def test_one_row_per_forward_gives_the_same_result(case) -> None:
     _, _, _, one_by_one = run_fast(model, samples, config, tokens, max_tokens_per_forward=1)
     for first, second in zip(batched, one_by_one, strict=True):
         torch.testing.assert_close(first, second, rtol=1e-9, atol=1e-13)
+
+
+def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> None:
+    """``max_buffer_bytes`` small enough for one sample's copies: the micro-batch is trained in 4 groups, each group's
+    share added to ``.grad`` before the next; cosines, decisions, states and ``.grad`` are those of one group."""
+    from aimkp_plugin.method.fast_step import buffer_groups, plan_rows
+
+    model, samples, config, tokens = case
+    layout = layout_of(model)
+    rows, _ = plan_rows(samples, fresh_state(), config)
+    row_bytes = sum(parameter.numel() for parameter in layout.parameters) * 8  # float64
+    assert buffer_groups(rows, row_bytes, 3 * row_bytes) == [[0], [1], [2], [3]]
+    assert buffer_groups(rows, row_bytes, None) == [[0, 1, 2, 3]]
+    expected, _, expected_state, expected_grads = run_fast(model, samples, config, tokens)
+    outcomes, left, state, grads = run_fast(model, samples, config, tokens, max_buffer_bytes=3 * row_bytes)
+    assert left == [] and summary(outcomes) == summary(expected) and state.to_dict() == expected_state.to_dict()
+    for fast, one_group in zip(outcomes, expected, strict=True):
+        assert [c.cosine for c in fast.copies] == pytest.approx([c.cosine for c in one_group.copies], abs=1e-12)
+    for grouped, whole in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grouped, whole, rtol=1e-9, atol=1e-13)
 
 
 def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None:

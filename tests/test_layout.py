@@ -15,6 +15,7 @@ LAYERS = {  # package -> packages it must never import
     "aimkp_plugin.method": ("aimkp_plugin.data", "aimkp_plugin.families", "aimkp_plugin.integration"),
     "aimkp_plugin.data": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
     "aimkp_plugin.families": ("aimkp_plugin.integration",),
+    "aimkp_plugin.models.building": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
     "aimkp_plugin.config": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
 }
 

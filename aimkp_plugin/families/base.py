@@ -1,6 +1,6 @@
 """What the plugin knows about a model family, as one object: the base class every family module fills in.
 
-A family answers four questions, and the rest of the plugin asks it instead of branching on ``model_type``:
+A family answers these questions, and the rest of the plugin asks it instead of branching on ``model_type``:
 
 1. **Image tokens and grids.** Which token id the image features replace, how many rows of ``pixel_values`` each
    image has, and the 2-D grid (or grids, one per tile) its tokens form. Image tokens outside every grid (a newline
@@ -10,7 +10,10 @@ A family answers four questions, and the rest of the plugin asks it instead of b
    call the language model with the features in place (:class:`~aimkp_plugin.method.fast_step.FastStepFamily`).
 3. **Positions.** The original position ids of a sample: ``0..L-1`` for 1-D rope, the collator's rows for a
    multimodal rope. A dropped token's neighbours keep theirs.
-4. **Tiny models.** The offline tiny checkpoints the tests, benchmarks and demo use, and their LLaMA-Factory template.
+4. **Attention and run checks.** The reference step's mask for a copy, where the model's attention is not plain
+   causal (Gemma 3's bidirectional image blocks), and the settings of a run that AimKP cannot be exact with,
+   refused before the model loads.
+5. **Tiny models.** The offline tiny checkpoints the tests, benchmarks and demo use, and their LLaMA-Factory template.
 
 A model type without a family gets :class:`GenericFamily`: images masked with the 1-D fallback and the reference step,
 with a warning.
@@ -28,7 +31,6 @@ import torch
 from torch import nn
 
 from ..method.fast_step import ImageFeatures
-from ..method.masking import visibility_attention_mask
 from ..method.types import ImageSpan, SampleInputs, TokenGrid
 
 
@@ -61,6 +63,7 @@ class ModelFamily:
     )
     per_image_keys: ClassVar[tuple[str, ...]] = ()  # batch keys with one row per image (e.g. image_grid_thw)
     per_token_keys: ClassVar[tuple[str, ...]] = ()  # batch keys shaped like input_ids (e.g. token_type_ids)
+    custom_attention: ClassVar[bool] = False  # True: attention is not plain causal (reference_attention_mask)
     has_fast_step: ClassVar[bool] = True
     tiny_models: ClassVar[tuple[TinyModelSpec, ...]] = ()
 
@@ -97,13 +100,13 @@ class ModelFamily:
     def reference_attention_mask(
         self, model: nn.Module, sample: SampleInputs, hidden: list[int], dtype: torch.dtype
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """The reference step's mask for a copy hiding ``hidden``: causal, no token attending to a hidden one."""
-        length = sample.model_inputs["input_ids"].shape[1]
-        return visibility_attention_mask(length, hidden, dtype, sample.model_inputs["input_ids"].device)
+        """The reference step's mask for a copy hiding ``hidden``, for a family with ``custom_attention``."""
+        raise NotImplementedError
 
-    def reference_mask_builder(self, model: nn.Module) -> Callable[[SampleInputs, list[int], torch.dtype], Any]:
-        """:meth:`reference_attention_mask` bound to ``model``: the reference step's ``attention_mask`` argument."""
-        return functools.partial(self.reference_attention_mask, model)
+    def reference_mask_builder(self, model: nn.Module) -> Callable[[SampleInputs, list[int], torch.dtype], Any] | None:
+        """The reference step's ``attention_mask`` argument: :meth:`reference_attention_mask` bound to ``model`` for a
+        family with ``custom_attention``; None (the method core's causal mask) otherwise."""
+        return functools.partial(self.reference_attention_mask, model) if self.custom_attention else None
 
     def run_problems(self, model_config: dict[str, Any], setting: Callable[[str], Any]) -> list[str]:
         """Settings of a run that AimKP cannot be exact with for this family, each naming the setting and the fix;
@@ -113,7 +116,8 @@ class ModelFamily:
     # ------------------------------------------------------------------ the fast step
 
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """The vision tower's and the projector's parameters (LLaVA-style models)."""
+        return [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
         raise NotImplementedError

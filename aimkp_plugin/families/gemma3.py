@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..method.fast_step import ImageFeatures
-from ..method.masking import as_attention_mask
+from ..method.masking import as_attention_mask, hide_positions
 from ..method.types import SampleInputs, TokenGrid
 from ..models.building import TinyModelSpec, train_tokenizer
 from .base import FamilyDescription, ImageLayoutError, ModelFamily, attention_mask_dtype, stacked_pixel_values
@@ -109,7 +109,8 @@ class Gemma3Family(ModelFamily):
         "stay visible",
         positions="1-D (0..L-1); causality and sliding windows counted in original positions",
     )
-    per_token_keys = ("token_type_ids",)
+    per_token_keys = ("token_type_ids",)  # carried, not read: both steps take the image blocks from the spans
+    custom_attention = True
     tiny_models = (
         # 64 px / patch 4 -> 16x16 patches, pooled 4x4 as in Gemma 3 -> a 4x4 grid of 16 image tokens
         TinyModelSpec(name="gemma3", family="gemma3", template="gemma3", image_size=64, patch_size=4),
@@ -120,7 +121,8 @@ class Gemma3Family(ModelFamily):
         side = int(expected**0.5)
         if token_count != expected or side * side != expected:
             raise ImageLayoutError(
-                f"{token_count} image tokens, but a Gemma 3 image has mm_tokens_per_image = {expected} (a square grid)"
+                f"{token_count} image tokens, but a Gemma 3 image has mm_tokens_per_image = {expected} tokens, "
+                "which must form a square grid"
             )
         return [TokenGrid(side, side, tuple(range(token_count)))]
 
@@ -160,16 +162,10 @@ class Gemma3Family(ModelFamily):
         is_image[0, sample.spans.image_positions] = True
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         masks = self.layer_masks(model, positions, is_image, None, torch.bool)
-        if hidden:
-            index = torch.tensor(hidden, dtype=torch.long, device=input_ids.device)
-            for allowed in masks.values():
-                allowed[..., index] = False
-                allowed[..., index, index] = True
-        return {layer_type: as_attention_mask(allowed, dtype) for layer_type, allowed in masks.items()}
-
-    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        inner = model.model
-        return [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters()]
+        return {
+            layer_type: as_attention_mask(hide_positions(allowed, hidden), dtype)
+            for layer_type, allowed in masks.items()
+        }
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
         stacked = stacked_pixel_values(samples)

@@ -92,15 +92,12 @@ class InternVLFamily(ModelFamily):
         side = math.isqrt(per_tile)
         if token_count % per_tile or side * side != per_tile:
             raise ImageLayoutError(
-                f"{token_count} image tokens are not a whole number of tiles of {per_tile} tokens (a {side}×{side} "
-                "grid each, image_seq_length in the model config)"
+                f"{token_count} image tokens are not a whole number of tiles of {per_tile} tokens "
+                "(image_seq_length in the model config, which must be a square grid)"
             )
         return [
             TokenGrid(side, side, tuple(range(start, start + per_tile))) for start in range(0, token_count, per_tile)
         ]
-
-    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
         stacked = stacked_pixel_values(samples)

@@ -45,9 +45,6 @@ class LlavaFamily(ModelFamily):
             raise ImageLayoutError(f"{token_count} image tokens do not form the square grid of a LLaVA-1.5 image")
         return [TokenGrid(side, side, tuple(range(token_count)))]
 
-    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
-
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
         stacked = stacked_pixel_values(samples)
         if stacked is None:

@@ -91,11 +91,6 @@ class LlavaNextFamily(ModelFamily):
 
     def image_grids(self, config: Any, token_count: int, image_inputs: dict[str, torch.Tensor]) -> list[TokenGrid]:
         size = tuple(int(value) for value in image_inputs["image_sizes"][0].tolist())
-        if config.vision_feature_select_strategy != "default":
-            raise ImageLayoutError(
-                "LLaVA-NeXT's anyres packing needs vision_feature_select_strategy 'default' (a CLIP tower's CLS "
-                f"feature dropped), got {config.vision_feature_select_strategy!r}"
-            )
         grids, newlines = anyres_grids(size, config)
         expected = sum(len(grid.positions) for grid in grids) + len(newlines)
         if token_count != expected:
@@ -116,8 +111,7 @@ class LlavaNextFamily(ModelFamily):
         return []
 
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        inner = model.model
-        return [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters(), inner.image_newline]
+        return [*super().vision_parameters(model), model.model.image_newline]  # image_newline: upstream of features
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
         stacked = stacked_pixel_values(samples, "image_sizes")

@@ -33,7 +33,6 @@ class Qwen3VLFamily(QwenVLFamily):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     templates = ("qwen3_vl_nothink", "qwen3_vl")
-    projector = "visual.merger"
     description = FamilyDescription(
         grid="(grid_h/2)×(grid_w/2) merged grid from image_grid_thw (patch 16)",
         masked="grid cells by the 2-D rule; the vision start and end tokens stay visible; a hidden token's "

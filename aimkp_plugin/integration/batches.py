@@ -85,23 +85,27 @@ class BatchSplitter:
             )
         attention_mask = batch.get("attention_mask")
         rows, image_count = [], 0  # per sample: (visible, ids, labels, its image numbers in the batch, spans)
+        pixel_offsets = [0]  # where each image's rows start in pixel_values
         for row, index in enumerate(indices):
             visible = attention_mask[row].bool() if attention_mask is not None else slice(None)
             ids, labels = batch["input_ids"][row][visible], batch["labels"][row][visible]
-            id_list, label_list = ids.tolist(), labels.tolist()
-            blocks = image_blocks(id_list, answer_start_of(label_list), self.image_token_id)
+            id_list = ids.tolist()
+            answer_start = answer_start_of(labels.tolist())
+            blocks = image_blocks(id_list, len(id_list), self.image_token_id)  # every image of the row
             numbers = range(image_count, image_count + len(blocks))
             image_count += len(blocks)
             per_image = [self.image_inputs(batch, number) for number in numbers]
-            spans = self.spans(int(index), id_list, label_list, blocks, per_image)
+            prompt = [slot for slot, block in enumerate(blocks) if block[0] < answer_start]  # images before the answer
+            spans = self.spans(
+                int(index),
+                id_list,
+                answer_start,
+                [blocks[slot] for slot in prompt],
+                [per_image[slot] for slot in prompt],
+            )
             rows.append((visible, ids, labels, numbers, spans))
-        pixel_offsets = [0]  # where each image's rows start in pixel_values
-        for *_, numbers, spans in rows:
-            for number, image in zip(numbers, spans.images, strict=True):
-                rows_of_image = self.family.pixel_rows(
-                    self.config, len(image.positions), self.image_inputs(batch, number)
-                )
-                pixel_offsets.append(pixel_offsets[-1] + rows_of_image)
+            for block, inputs in zip(blocks, per_image, strict=True):
+                pixel_offsets.append(pixel_offsets[-1] + self.family.pixel_rows(self.config, len(block), inputs))
         pixel_values = batch.get("pixel_values")
         if pixel_values is not None and image_count and pixel_offsets[-1] != pixel_values.shape[0]:
             raise ImageLayoutError(
@@ -131,7 +135,7 @@ class BatchSplitter:
         return {key: batch[key][number : number + 1] for key in self.family.per_image_keys if key in batch}
 
     def spans(
-        self, index: int, ids: list[int], labels: list[int], blocks: list[list[int]], per_image: list[dict]
+        self, index: int, ids: list[int], answer_start: int, blocks: list[list[int]], per_image: list[dict]
     ) -> ModalitySpans:
         images = []
         for number, (block, inputs) in enumerate(zip(blocks, per_image, strict=True)):
@@ -144,7 +148,7 @@ class BatchSplitter:
                 ) from None
         text = find_text_span(
             ids,
-            answer_start_of(labels),
+            answer_start,
             blocks[-1][-1] if blocks else None,
             self.special_ids,
             self.instructions,

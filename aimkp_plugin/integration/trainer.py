@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
-from ..families import ModelFamily, family_for
+from ..families import GenericFamily, ModelFamily, family_for
 from ..families.base import attention_mask_dtype
 from ..method.fast_step import FastStepLayout, FastStepUnsupportedError, fast_batch_step, fast_step_layout
 from ..method.step import reference_sample_step
@@ -104,7 +104,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
     def _aimkp_family(model: Any) -> ModelFamily:
         """The model's family from the table; an unknown model type gets the 1-D fallback, with a warning."""
         family = family_for(getattr(model.config, "model_type", None))
-        if not family.has_fast_step:
+        if isinstance(family, GenericFamily):
             logger.warning(
                 f"aimkp-plugin: no image grid layout is known for model_type {family.name}; image copies use the "
                 "1-D fallback (every γ-th image token)."
@@ -177,7 +177,14 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             samples = self.aimkp_splitter.split(inputs, indices)
             if self.aimkp_layout is not None:
                 outcomes, left_to_reference = fast_batch_step(
-                    self.aimkp_layout, samples, state, config, total, epoch, self.aimkp.aimkp_fast_max_tokens
+                    self.aimkp_layout,
+                    samples,
+                    state,
+                    config,
+                    total,
+                    epoch,
+                    self.aimkp.aimkp_fast_max_tokens,
+                    self.aimkp.aimkp_fast_buffer_mb * 2**20 or None,
                 )
                 samples = [samples[position] for position in left_to_reference]
             for sample in samples:
@@ -228,6 +235,7 @@ def _patch_train_sft_workflow_trainer(module: ModuleType) -> None:
     """Replace ``llamafactory.train.sft.workflow.CustomSeq2SeqTrainer`` by a subclass that runs the AimKP step.
 
     Why: ``run_sft`` builds its trainer from that name and the v0 trainer has no hook for a custom step. The subclass
-    changes nothing unless the run's config has ``aimkp: true``. Tested on llamafactory 0.9.5.
+    changes nothing unless the run's config has ``aimkp: true``. It subclasses ``llamafactory.train.sft.trainer.
+    CustomSeq2SeqTrainer``, the class ``workflow`` imported by that name. Tested on llamafactory 0.9.5.
     """
     patching.replace_attribute(module, "CustomSeq2SeqTrainer", "aimkp_trainer", lambda _: AimkpSeq2SeqTrainer)

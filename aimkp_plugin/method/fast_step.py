@@ -209,6 +209,26 @@ def padded_inputs(
     return input_ids, labels, attention_mask, position_ids
 
 
+def buffer_groups(rows: Sequence[Row], row_bytes: int, max_buffer_bytes: int | None) -> list[list[int]]:
+    """The samples of ``rows`` (positions in the micro-batch, in order) in consecutive groups whose rows take at most
+    ``max_buffer_bytes`` of per-copy gradient buffer (``row_bytes`` each); a sample whose rows alone are more makes a
+    group of its own. None: one group."""
+    counts: dict[int, int] = {}
+    for row in rows:
+        counts[row.sample] = counts.get(row.sample, 0) + 1
+    groups: list[list[int]] = []
+    used = 0
+    for sample, count in counts.items():
+        size = count * row_bytes
+        if groups and (max_buffer_bytes is None or used + size <= max_buffer_bytes):
+            groups[-1].append(sample)
+            used += size
+        else:
+            groups.append([sample])
+            used = size
+    return groups
+
+
 def fast_batch_step(
     layout: FastStepLayout,
     samples: Sequence[SampleInputs],
@@ -217,14 +237,16 @@ def fast_batch_step(
     total_answer_tokens: float,
     epoch: int = 0,
     max_tokens_per_forward: int | None = None,
+    max_buffer_bytes: int | None = None,
 ) -> tuple[list[SampleOutcome], list[int]]:
     """Run the visits of a micro-batch: gradients into ``.grad``, the states updated, the outcomes returned.
 
     Returns the outcomes of the samples it trained (in micro-batch order) and the positions of the samples it left
-    to the reference step (see the module docstring); the caller runs those.
+    to the reference step (see the module docstring); the caller runs those. ``max_buffer_bytes`` bounds the
+    per-copy gradient buffer: the samples are then trained in groups whose copies fit, each group's share added to
+    ``.grad`` before the next (the sum is the same; each sample's cosines only involve its own copies).
     """
     rows, reference = plan_rows(samples, state, config)
-    rows.sort(key=lambda row: -len(row.keep))  # stable: ties keep the sample order
     outcomes = {
         position: SampleOutcome(sample.index, sample.num_answer_tokens, 0.0)
         for position, sample in enumerate(samples)
@@ -232,31 +254,60 @@ def fast_batch_step(
     }
     if rows:
         if not max_tokens_per_forward:  # as many tokens as the micro-batch's own padded batch
-            max_tokens_per_forward = len(samples) * len(rows[0].keep)
-        gradients, loss_sums = row_gradients(layout, samples, rows, max_tokens_per_forward)
-        gram, losses = gradients.gram().cpu(), loss_sums.tolist()  # one transfer each, then plain reads
-        weights = torch.zeros(len(rows), dtype=gram.dtype)
-        original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
-        kept_rows: dict[int, list[int]] = {position: [index] for position, index in original_row.items()}
-        for index, row in enumerate(rows):
-            if row.name == ORIGINAL:
-                outcomes[row.sample].original_loss_sum = losses[index]
-                continue
-            first = original_row[row.sample]
-            cosine = cosine_from_products(gram[first, index], gram[first, first], gram[index, index])
-            decision = keep_copy(cosine, config.thresholds[row.name], config.filtering)
-            outcomes[row.sample].copies.append(CopyOutcome(row.name, row.stride, cosine, decision))
-            if decision:
-                kept_rows[row.sample].append(index)
-        for position, indices in kept_rows.items():
-            share = samples[position].num_answer_tokens * variant_weight(len(indices)) / total_answer_tokens
-            weights[indices] = share
-        gradients.add_into_grad(gradients.combine(weights.to(gradients.flat.device)))
+            max_tokens_per_forward = len(samples) * max(len(row.keep) for row in rows)
+        buffer_dtype = torch.promote_types(layout.parameters[0].dtype, torch.float32)
+        row_bytes = sum(parameter.numel() for parameter in layout.parameters) * buffer_dtype.itemsize
+        for group in buffer_groups(rows, row_bytes, max_buffer_bytes):
+            slot = {position: index for index, position in enumerate(group)}
+            group_rows = [Row(slot[row.sample], row.name, row.stride, row.keep) for row in rows if row.sample in slot]
+            group_rows.sort(key=lambda row: -len(row.keep))  # stable: ties keep the sample order
+            group_samples = [samples[position] for position in group]
+            train_rows(
+                layout,
+                group_samples,
+                group_rows,
+                config,
+                total_answer_tokens,
+                max_tokens_per_forward,
+                {index: outcomes[position] for position, index in slot.items()},
+            )
     for position, outcome in outcomes.items():
         outcome.copies.sort(key=lambda copy: config.modalities.index(copy.modality))
         cosines = {copy.modality: copy.cosine for copy in outcome.copies}
         update_curriculum(samples[position], state, config, cosines, epoch, outcome)
     return [outcomes[position] for position in sorted(outcomes)], reference
+
+
+def train_rows(
+    layout: FastStepLayout,
+    samples: Sequence[SampleInputs],
+    rows: list[Row],
+    config: StepConfig,
+    total_answer_tokens: float,
+    max_tokens_per_forward: int,
+    outcomes: dict[int, SampleOutcome],
+) -> None:
+    """Every row's gradient, the copies' cosines and keep decisions (into ``outcomes``, by sample position), and
+    ``Σ_i n_i / |K_i| / N · Σ_{v ∈ K_i} g_{i,v}`` over these samples added into ``.grad``."""
+    gradients, loss_sums = row_gradients(layout, samples, rows, max_tokens_per_forward)
+    gram, losses = gradients.gram().cpu(), loss_sums.tolist()  # one transfer each, then plain reads
+    weights = torch.zeros(len(rows), dtype=gram.dtype)
+    original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
+    kept_rows: dict[int, list[int]] = {position: [index] for position, index in original_row.items()}
+    for index, row in enumerate(rows):
+        if row.name == ORIGINAL:
+            outcomes[row.sample].original_loss_sum = losses[index]
+            continue
+        first = original_row[row.sample]
+        cosine = cosine_from_products(gram[first, index], gram[first, first], gram[index, index])
+        decision = keep_copy(cosine, config.thresholds[row.name], config.filtering)
+        outcomes[row.sample].copies.append(CopyOutcome(row.name, row.stride, cosine, decision))
+        if decision:
+            kept_rows[row.sample].append(index)
+    for position, indices in kept_rows.items():
+        share = samples[position].num_answer_tokens * variant_weight(len(indices)) / total_answer_tokens
+        weights[indices] = share
+    gradients.add_into_grad(gradients.combine(weights.to(gradients.flat.device)))
 
 
 def feature_indices(
@@ -295,7 +346,12 @@ def row_gradients(
     with torch.set_grad_enabled(trains_vision):
         features = family.encode_images(model, samples)
     # the token features in the embeddings' dtype (as the model's masked_scatter does); extras stay as they come
-    shared = [features.tokens.to(embedding.weight.dtype), *features.extras] if features is not None else []
+    if features is not None:
+        features.tokens = features.tokens.to(embedding.weight.dtype)
+    shared = features.shared if features is not None else []
+    traced = [
+        k for k, tensor in enumerate(shared) if trains_vision and tensor.requires_grad
+    ]  # e.g. not frozen mergers
     indices, image_tokens = feature_indices(samples, rows, image_token_id)
     if shared and any(image_tokens != tensor.shape[0] for tensor in shared):
         counts = [tensor.shape[0] for tensor in shared]
@@ -321,7 +377,9 @@ def row_gradients(
                 if shared:
                     for index in range(group.start, group.stop):
                         kept = indices[index].to(device)
-                        leaves[index] = [tensor.detach()[kept].requires_grad_(trains_vision) for tensor in shared]
+                        leaves[index] = [
+                            tensor.detach()[kept].requires_grad_(k in traced) for k, tensor in enumerate(shared)
+                        ]
                     values = [
                         torch.cat([leaves[index][k] for index in range(group.start, group.stop)])
                         for k in range(len(shared))
@@ -343,28 +401,21 @@ def row_gradients(
     finally:
         for parameter, previous in zip(layout.parameters, saved_grads, strict=True):
             parameter.grad = previous
-    if trains_vision and shared:  # one vmapped backward per sample, over its own rows
+    if traced:  # one vmapped backward per sample, over its own rows
         by_sample: dict[int, list[int]] = {}
         for index, row in enumerate(rows):
-            if leaves[index] and any(leaf.grad is not None for leaf in leaves[index]):
+            if leaves[index] and any(leaves[index][k].grad is not None for k in traced):
                 by_sample.setdefault(row.sample, []).append(index)
         for count, sample_rows in enumerate(by_sample.values(), start=1):
             cotangents = [
-                torch.zeros(len(sample_rows), *tensor.shape, dtype=tensor.dtype, device=device) for tensor in shared
+                torch.zeros(len(sample_rows), *shared[k].shape, dtype=shared[k].dtype, device=device) for k in traced
             ]
             for slot, index in enumerate(sample_rows):
-                for cotangent, leaf in zip(cotangents, leaves[index], strict=True):
-                    if leaf.grad is not None:
-                        cotangent[slot, indices[index].to(device)] = leaf.grad
+                for cotangent, k in zip(cotangents, traced, strict=True):
+                    if leaves[index][k].grad is not None:
+                        cotangent[slot, indices[index].to(device)] = leaves[index][k].grad
             retain = count < len(by_sample)
-            traced = [
-                k for k, tensor in enumerate(shared) if tensor.requires_grad
-            ]  # e.g. not frozen DeepStack mergers
             gradients.add_through(
-                [shared[k] for k in traced],
-                layout.vision_parameters,
-                sample_rows,
-                [cotangents[k] for k in traced],
-                retain_graph=retain,
+                [shared[k] for k in traced], layout.vision_parameters, sample_rows, cotangents, retain_graph=retain
             )
     return gradients, loss_sums

@@ -50,17 +50,22 @@ def as_attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     )
 
 
+def hide_positions(allowed: torch.Tensor, hidden: list[int]) -> torch.Tensor:
+    """Clear the ``hidden`` columns of ``allowed`` (``(..., L, L)`` bool, in place): no token attends to a hidden one.
+    A hidden token still attends to itself, so no row is fully masked (a fully masked softmax row would be NaN and
+    poison the backward pass); nothing reads its output, because every other row masks its column."""
+    if hidden:
+        index = torch.tensor(hidden, dtype=torch.long, device=allowed.device)
+        allowed[..., index] = False
+        allowed[..., index, index] = True
+    return allowed
+
+
 def visibility_attention_mask(length: int, hidden: list[int], dtype: torch.dtype, device=None) -> torch.Tensor:
-    """A (1, 1, L, L) causal mask in which no token attends to a ``hidden`` position.
+    """A (1, 1, L, L) causal mask in which no token attends to a ``hidden`` position (:func:`hide_positions`).
 
     ``dtype`` bool gives True = attend (for SDPA); a float dtype gives an additive mask (0 or the dtype's minimum,
-    for eager attention). A hidden token still attends to itself, so no row is fully masked (a fully masked softmax
-    row would be NaN and poison the backward pass); nothing reads its output, because every other row masks its
-    column.
+    for eager attention).
     """
     allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    if hidden:
-        index = torch.tensor(hidden, dtype=torch.long, device=device)
-        allowed[:, index] = False
-        allowed[index, index] = True
-    return as_attention_mask(allowed[None, None], dtype)
+    return as_attention_mask(hide_positions(allowed, hidden)[None, None], dtype)

@@ -55,7 +55,7 @@ class TinyModelSpec:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 128
-    image_size: int = 56  # LLaVA: square input side in pixels
+    image_size: int = 56  # the vision tower's square input (one tile) in pixels
     patch_size: int = 14
     vision_hidden_size: int = 32
     vision_layers: int = 1
