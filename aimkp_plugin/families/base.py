@@ -120,7 +120,20 @@ class ModelFamily:
         return [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
-        raise NotImplementedError
+        """LLaVA-style: ``get_image_features`` with the config's feature layer and selection strategy (and the
+        per-image keys), one feature row per image token, images in order."""
+        stacked = stacked_pixel_values(samples, *self.per_image_keys)
+        if stacked is None:
+            return None
+        output = model.model.get_image_features(
+            pixel_values=stacked[0],
+            **dict(zip(self.per_image_keys, stacked[1:], strict=True)),
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        )
+        return ImageFeatures(
+            torch.cat([features.reshape(-1, features.shape[-1]) for features in output.pooler_output])
+        )
 
     def position_ids(self, sample: SampleInputs) -> torch.Tensor:
         """``0..L-1`` as ``(1, L)``: 1-D rope."""

@@ -24,7 +24,7 @@ from torch import nn
 from ..method.fast_step import ImageFeatures
 from ..method.masking import as_attention_mask, hide_positions
 from ..method.types import SampleInputs, TokenGrid
-from ..models.building import TinyModelSpec, train_tokenizer
+from ..models.building import TinyModelSpec, local_tokenizer, save_tiny
 from .base import FamilyDescription, ImageLayoutError, ModelFamily, attention_mask_dtype, stacked_pixel_values
 
 
@@ -53,10 +53,9 @@ TINY_CHAT_TEMPLATE = (
 
 
 def gemma3_tokenizer(spec: TinyModelSpec) -> Any:
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(spec.vocab_size, TINY_SPECIAL_TOKENS),
+    return local_tokenizer(
+        spec,
+        TINY_SPECIAL_TOKENS,
         bos_token="<bos>",
         eos_token="<eos>",  # LLaMA-Factory's gemma3 template (replace_eos) switches it to <end_of_turn>
         pad_token="<pad>",
@@ -67,8 +66,6 @@ def gemma3_tokenizer(spec: TinyModelSpec) -> Any:
             "eoi_token": "<end_of_image>",
             "image_token": "<image_soft_token>",
         },
-        model_max_length=4096,
-        padding_side="right",
     )
 
 
@@ -260,7 +257,4 @@ class Gemma3Family(ModelFamily):
             image_seq_length=TINY_TOKENS_PER_IMAGE,
             chat_template=TINY_CHAT_TEMPLATE,
         )
-        tokenizer.chat_template = TINY_CHAT_TEMPLATE
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_tiny(out, model, processor, tokenizer, TINY_CHAT_TEMPLATE)

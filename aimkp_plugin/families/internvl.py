@@ -13,17 +13,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..method.fast_step import ImageFeatures
-from ..method.types import SampleInputs, TokenGrid
-from ..models.building import TinyModelSpec, train_tokenizer
-from .base import FamilyDescription, ImageLayoutError, ModelFamily, stacked_pixel_values
+from ..method.types import TokenGrid
+from ..models.building import TinyModelSpec, local_tokenizer, save_tiny
+from .base import FamilyDescription, ImageLayoutError, ModelFamily
 
 
 TINY_SPECIAL_TOKENS = (
@@ -45,10 +42,9 @@ TINY_CHAT_TEMPLATE = (
 
 
 def internvl_tokenizer(spec: TinyModelSpec) -> Any:
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(spec.vocab_size, TINY_SPECIAL_TOKENS),
+    return local_tokenizer(
+        spec,
+        TINY_SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         # InternVLProcessor reads tokenizer.{start_image,end_image,context_image,video}_token(_id)
@@ -58,8 +54,6 @@ def internvl_tokenizer(spec: TinyModelSpec) -> Any:
             "context_image_token": "<IMG_CONTEXT>",
             "video_token": "<video>",
         },
-        model_max_length=4096,
-        padding_side="right",
     )
 
 
@@ -98,18 +92,6 @@ class InternVLFamily(ModelFamily):
         return [
             TokenGrid(side, side, tuple(range(start, start + per_tile))) for start in range(0, token_count, per_tile)
         ]
-
-    def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
-        stacked = stacked_pixel_values(samples)
-        if stacked is None:
-            return None
-        output = model.model.get_image_features(
-            pixel_values=stacked[0],
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        )
-        features = output.pooler_output
-        return ImageFeatures(features.reshape(-1, features.shape[-1]))
 
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
         from transformers import (
@@ -181,7 +163,4 @@ class InternVLFamily(ModelFamily):
             image_seq_length=tokens_per_tile,
             chat_template=TINY_CHAT_TEMPLATE,
         )
-        tokenizer.chat_template = TINY_CHAT_TEMPLATE
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_tiny(out, model, processor, tokenizer, TINY_CHAT_TEMPLATE)

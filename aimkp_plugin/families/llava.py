@@ -9,17 +9,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..method.fast_step import ImageFeatures
-from ..method.types import SampleInputs, TokenGrid
-from ..models.building import LLAVA_CHAT_TEMPLATE, TinyModelSpec, llava_tokenizer
-from .base import FamilyDescription, ImageLayoutError, ModelFamily, stacked_pixel_values
+from ..method.types import TokenGrid
+from ..models.building import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LLAVA_CHAT_TEMPLATE,
+    TinyModelSpec,
+    clip_vision_config,
+    llama_text_config,
+    llava_tokenizer,
+    save_tiny,
+)
+from .base import FamilyDescription, ImageLayoutError, ModelFamily
 
 
 class LlavaFamily(ModelFamily):
@@ -45,54 +51,15 @@ class LlavaFamily(ModelFamily):
             raise ImageLayoutError(f"{token_count} image tokens do not form the square grid of a LLaVA-1.5 image")
         return [TokenGrid(side, side, tuple(range(token_count)))]
 
-    def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
-        stacked = stacked_pixel_values(samples)
-        if stacked is None:
-            return None
-        output = model.model.get_image_features(
-            pixel_values=stacked[0],
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        )
-        return ImageFeatures(torch.cat(list(output.pooler_output)))
-
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
-        from transformers import (
-            CLIPImageProcessor,
-            CLIPVisionConfig,
-            LlamaConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-            LlavaProcessor,
-        )
+        from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
         tokenizer = llava_tokenizer(spec)
         vocab = tokenizer.get_vocab()
-        text_config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_heads,
-            max_position_embeddings=4096,
-            bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"],
-            pad_token_id=vocab["<pad>"],
-        )
-        vision_config = CLIPVisionConfig(
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=spec.vision_hidden_size * 2,
-            num_hidden_layers=spec.vision_layers + 1,  # LLaVA reads the second-to-last layer
-            num_attention_heads=2,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-            projection_dim=spec.vision_hidden_size,
-        )
         grid = spec.image_size // spec.patch_size
         config = LlavaConfig(
-            text_config=text_config,
-            vision_config=vision_config,
+            text_config=llama_text_config(spec, tokenizer),
+            vision_config=clip_vision_config(spec),
             image_token_index=vocab["<image>"],
             image_seq_length=grid * grid,
             vision_feature_select_strategy="default",
@@ -105,8 +72,8 @@ class LlavaFamily(ModelFamily):
             size={"shortest_edge": spec.image_size},
             crop_size={"height": spec.image_size, "width": spec.image_size},
             do_center_crop=True,
-            image_mean=[0.48145466, 0.4578275, 0.40821073],
-            image_std=[0.26862954, 0.26130258, 0.27577711],
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
         )
         processor = LlavaProcessor(
             image_processor=image_processor,
@@ -116,7 +83,4 @@ class LlavaFamily(ModelFamily):
             num_additional_image_tokens=1,
             chat_template=LLAVA_CHAT_TEMPLATE,
         )
-        tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_tiny(out, model, processor, tokenizer, LLAVA_CHAT_TEMPLATE)

@@ -14,22 +14,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..method.fast_step import ImageFeatures
-from ..method.types import SampleInputs, TokenGrid
-from ..models.building import LLAVA_CHAT_TEMPLATE, TinyModelSpec, llava_tokenizer
-from .base import FamilyDescription, ImageLayoutError, ModelFamily, stacked_pixel_values
+from ..method.types import TokenGrid
+from ..models.building import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LLAVA_CHAT_TEMPLATE,
+    TinyModelSpec,
+    clip_vision_config,
+    llama_text_config,
+    llava_tokenizer,
+    save_tiny,
+)
+from .base import FamilyDescription, ImageLayoutError, ModelFamily
 
 
 PINPOINT_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # llava-v1.6's pinpoints, in tiles (rows, cols)
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def _select_best_resolution(original_hw: tuple[int, int], pinpoints) -> tuple[int, int]:
@@ -113,23 +119,9 @@ class LlavaNextFamily(ModelFamily):
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [*super().vision_parameters(model), model.model.image_newline]  # image_newline: upstream of features
 
-    def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
-        stacked = stacked_pixel_values(samples, "image_sizes")
-        if stacked is None:
-            return None
-        output = model.model.get_image_features(
-            pixel_values=stacked[0],
-            image_sizes=stacked[1],
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        )
-        return ImageFeatures(torch.cat(list(output.pooler_output)))
-
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
         """Write a tiny random LLaVA-NeXT (weights, config, processor, tokenizer) into ``out``."""
         from transformers import (
-            CLIPVisionConfig,
-            LlamaConfig,
             LlavaNextConfig,
             LlavaNextForConditionalGeneration,
             LlavaNextImageProcessor,
@@ -138,28 +130,8 @@ class LlavaNextFamily(ModelFamily):
 
         tokenizer = llava_tokenizer(spec)
         vocab = tokenizer.get_vocab()
-        text_config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=spec.num_heads,
-            max_position_embeddings=4096,
-            bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"],
-            pad_token_id=vocab["<pad>"],
-            tie_word_embeddings=False,
-        )
-        vision_config = CLIPVisionConfig(
-            hidden_size=spec.vision_hidden_size,
-            intermediate_size=spec.vision_hidden_size * 2,
-            num_hidden_layers=spec.vision_layers + 1,  # LLaVA-NeXT reads the second-to-last layer
-            num_attention_heads=2,
-            image_size=spec.image_size,  # one tile
-            patch_size=spec.patch_size,
-            projection_dim=spec.vision_hidden_size,
-        )
+        text_config = llama_text_config(spec, tokenizer, tie_word_embeddings=False)
+        vision_config = clip_vision_config(spec)  # one tile
         tile = spec.image_size
         pinpoints = [[rows * tile, cols * tile] for rows, cols in PINPOINT_TILES]
         grid = tile // spec.patch_size
@@ -194,7 +166,4 @@ class LlavaNextFamily(ModelFamily):
             chat_template=LLAVA_CHAT_TEMPLATE,
             image_token="<image>",
         )
-        tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_tiny(out, model, processor, tokenizer, LLAVA_CHAT_TEMPLATE)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..method.fast_step import ImageFeatures
 from ..method.types import SampleInputs, TokenGrid
-from ..models.building import QWEN_CHAT_TEMPLATE, TinyModelSpec, qwen_tokenizer
+from ..models.building import QWEN_CHAT_TEMPLATE, TinyModelSpec, qwen_tokenizer, save_tiny
 from .base import FamilyDescription, ImageLayoutError, ModelFamily, stacked_pixel_values
 
 
@@ -131,10 +131,7 @@ class QwenVLFamily(ModelFamily):
             video_processor=Qwen2VLVideoProcessor(**pixels),
             chat_template=QWEN_CHAT_TEMPLATE,
         )
-        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_tiny(out, model, processor, tokenizer, QWEN_CHAT_TEMPLATE)
 
 
 class Qwen25VLFamily(QwenVLFamily):

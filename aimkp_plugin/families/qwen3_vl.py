@@ -20,7 +20,7 @@ from torch import nn
 
 from ..method.fast_step import ImageFeatures
 from ..method.types import SampleInputs
-from ..models.building import QWEN_CHAT_TEMPLATE, TinyModelSpec, qwen_tokenizer
+from ..models.building import QWEN_CHAT_TEMPLATE, TinyModelSpec, qwen_tokenizer, save_tiny
 from .base import FamilyDescription, stacked_pixel_values
 from .qwen2_vl import QwenVLFamily
 
@@ -140,7 +140,4 @@ class Qwen3VLFamily(QwenVLFamily):
             video_processor=video_processor,
             chat_template=QWEN_CHAT_TEMPLATE,
         )
-        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_tiny(out, model, processor, tokenizer, QWEN_CHAT_TEMPLATE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data.cmkp import DEFAULT_INSTRUCTION, bundled_cmkp_posts
@@ -35,6 +36,8 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %} {% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}"
     "{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
     "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
@@ -91,28 +94,73 @@ def train_tokenizer(vocab_size: int, special_tokens: tuple[str, ...]) -> Any:
     return tokenizer
 
 
-def llava_tokenizer(spec: TinyModelSpec) -> Any:
+def local_tokenizer(spec: TinyModelSpec, special_tokens: tuple[str, ...], **roles: Any) -> Any:
+    """A fast tokenizer trained here on the bundled posts, with ``special_tokens`` and their ``roles``
+    (``eos_token="..."``, ``extra_special_tokens={...}``)."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(spec.vocab_size, LLAVA_SPECIAL_TOKENS),
+        tokenizer_object=train_tokenizer(spec.vocab_size, special_tokens),
+        **roles,
+        model_max_length=4096,
+        padding_side="right",
+    )
+
+
+def llava_tokenizer(spec: TinyModelSpec) -> Any:
+    return local_tokenizer(
+        spec,
+        LLAVA_SPECIAL_TOKENS,
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
-        model_max_length=4096,
-        padding_side="right",
     )
 
 
 def qwen_tokenizer(spec: TinyModelSpec) -> Any:
-    from transformers import PreTrainedTokenizerFast
+    return local_tokenizer(spec, QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
-    return PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(spec.vocab_size, QWEN_SPECIAL_TOKENS),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=4096,
-        padding_side="right",
+
+def llama_text_config(spec: TinyModelSpec, tokenizer: Any, **extra: Any) -> Any:
+    """The tiny Llama language model of the LLaVA-style checkpoints (``<s>``, ``</s>``, ``<pad>``)."""
+    from transformers import LlamaConfig
+
+    vocab = tokenizer.get_vocab()
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=4096,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+        **extra,
     )
+
+
+def clip_vision_config(spec: TinyModelSpec) -> Any:
+    """A tiny CLIP tower of one tile; LLaVA-style models read its second-to-last layer, so it has one layer more."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_hidden_size * 2,
+        num_hidden_layers=spec.vision_layers + 1,
+        num_attention_heads=2,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden_size,
+    )
+
+
+def save_tiny(out: Path, model: Any, processor: Any, tokenizer: Any, chat_template: str) -> None:
+    """Write a tiny checkpoint: weights and config, processor, and the tokenizer with its chat template."""
+    tokenizer.chat_template = chat_template
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
