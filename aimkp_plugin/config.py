@@ -261,11 +261,13 @@ UNSUPPORTED_OPTIONS = (
     ("use_asft_loss", "the step uses the plain cross-entropy of the spec"),
     ("galore_layerwise", "layer-wise optimizer steps would run inside each copy's backward pass"),
     ("apollo_layerwise", "layer-wise optimizer steps would run inside each copy's backward pass"),
+    ("enable_liger_kernel", "Liger's fused cross-entropy returns no logits, and the step needs each copy's own loss"),
+    ("use_unsloth", "Unsloth replaces the model's forward and attention, which the step calls with its own masks"),
 )
 SETUP_KEYS = (
     ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
     + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
-    + ("label_smoothing_factor",)
+    + ("label_smoothing_factor", "neftune_noise_alpha")
 )
 SUPPORTED_ENGINES = "single process, or DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs)"
 
@@ -300,6 +302,12 @@ def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
         raise AimkpConfigError(
             "aimkp: true cannot be combined with label_smoothing_factor (the step uses the plain cross-entropy of "
             "the spec). Set label_smoothing_factor: 0."
+        )
+    if float(setup.get("neftune_noise_alpha") or 0) != 0:
+        raise AimkpConfigError(
+            "aimkp: true cannot be combined with neftune_noise_alpha: NEFTune draws fresh noise for every forward "
+            "pass, so the original and its masked copies would see different inputs and the cosines would measure "
+            "the noise. Remove neftune_noise_alpha (or set it to 0)."
         )
     if str(setup.get("flash_attn") or "auto") == "fa2":
         raise AimkpConfigError(

@@ -127,6 +127,9 @@ def test_boolean_rejects_other_values() -> None:
         ({"use_dft_loss": True}, "use_dft_loss: true"),
         ({"galore_layerwise": "true"}, "galore_layerwise: true"),
         ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+        ({"neftune_noise_alpha": 5}, "neftune_noise_alpha: NEFTune draws fresh noise .* Remove neftune_noise_alpha"),
+        ({"enable_liger_kernel": True}, "enable_liger_kernel: true .Liger's fused cross-entropy returns no logits"),
+        ({"use_unsloth": "true"}, "use_unsloth: true .Unsloth replaces the model's forward"),
     ],
 )
 def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) -> None:

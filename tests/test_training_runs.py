@@ -110,6 +110,15 @@ def test_aimkp_with_packing_is_rejected_before_loading(
     assert "Loading dataset" not in result.stdout
 
 
+def test_aimkp_with_neftune_is_rejected_before_loading(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, tmp_path / "out", aimkp=True)
+    result = llamafactory_runner(config, "neftune_noise_alpha=5")
+    assert result.returncode != 0 and "cannot be combined with neftune_noise_alpha" in result.stdout
+    assert "Loading dataset" not in result.stdout
+
+
 def test_gemma3_with_a_template_that_drops_its_image_blocks_is_rejected_before_loading(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ):
