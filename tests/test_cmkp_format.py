@@ -20,7 +20,7 @@ from aimkp_plugin.data.cmkp import (
     parse_json_record,
     parse_raw_line,
 )
-from aimkp_plugin.data.demo import write_post_images
+from aimkp_plugin.data.demo import draw_post_image, write_post_images
 
 from .conftest import llamafactory_data, tiny_train_config
 
@@ -131,6 +131,9 @@ def bad_dataset(cmkp_workspace: Path, tmp_path: Path) -> Path:
     good = next(item for _, item in iter_records(cmkp_workspace / "raw" / "test_src.txt"))
     write_post_images([good], root / "images")
     (root / "images" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    draw_post_image(good, (256, 256)).save(root / "images" / "truncated.jpg", quality=95)
+    whole = (root / "images" / "truncated.jpg").read_bytes()
+    (root / "images" / "truncated.jpg").write_bytes(whole[: len(whole) // 3])  # passes verify(), fails to decode
     lines = [
         f"{good.text}<sep>{';'.join(good.keyphrases)}<sep>https://x/{good.image}".encode(),  # 1: good
         b"only text<sep>kp",  # 2: two fields
@@ -140,10 +143,13 @@ def bad_dataset(cmkp_workspace: Path, tmp_path: Path) -> Path:
         b"text<sep>kp<sep>https://x/broken.jpg",  # 6: unreadable image
         b"caf\xe9 text<sep>kp<sep>https://x/a.jpg",  # 7: latin-1 byte, not UTF-8
         f"{good.text}<sep>{good.keyphrases[0]}<sep>{good.image}".encode(),  # 8: good again
+        b"text<sep>kp<sep>https://x/truncated.jpg",  # 9: the first third of a JPEG
     ]
     (root / "posts.txt").write_bytes(b"\n".join(lines) + b"\n")
+    (root / "truncated.txt").write_bytes(lines[0] + b"\n" + lines[8] + b"\n")
     info = {
         "bad": {"file_name": "posts.txt", "formatting": "cmkp", "cmkp": {"media_dir": "images"}},
+        "truncated": {"file_name": "truncated.txt", "formatting": "cmkp", "cmkp": {"media_dir": "images"}},
         "bad_skip": {
             "file_name": "posts.txt",
             "formatting": "cmkp",
@@ -161,6 +167,7 @@ EXPECTED_PROBLEMS = {
     "line 5": "image 'missing.jpg' not found",
     "line 6": "unreadable",
     "line 7": "undecodable bytes at column 4",
+    "line 9": "truncated",
 }
 
 
@@ -179,7 +186,7 @@ def test_llamafactory_load_fails_listing_first_problems_and_total(
     with pytest.raises(CmkpFormatError) as error:
         load_through_llamafactory(tiny_models["llava"], "llava", bad_dataset, "bad", tmp_path)
     message = str(error.value)
-    assert "6 bad record(s)" in message and "... and 1 more" in message
+    assert "7 bad record(s)" in message and "... and 2 more" in message
     assert "posts.txt, line 2: expected 3 fields" in message
     assert "skip_bad_records" in message  # says how to skip
 
@@ -235,8 +242,19 @@ def test_cli_training_skips_with_the_yaml_key(
     )
     result = llamafactory_runner(config, "max_steps=1")
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "aimkp-plugin: skipped 6 bad record(s)" in result.stdout
+    assert "aimkp-plugin: skipped 7 bad record(s)" in result.stdout
     assert (tmp_path / "out" / "aimkp_skipped_records_posts.txt.jsonl").is_file()
+
+
+def test_truncated_jpeg_stops_the_run_before_the_model_loads(
+    tiny_models: dict, bad_dataset: Path, tmp_path: Path, llamafactory_runner
+):
+    """The first third of a JPEG passes PIL's verify(); the dataset check decodes it and names file, line, reason."""
+    config = tiny_train_config(tiny_models["llava"], "llava", bad_dataset, tmp_path / "out", dataset="truncated")
+    result = llamafactory_runner(config, "max_steps=1")
+    assert result.returncode != 0
+    assert "truncated.txt, line 2: image" in result.stdout and "image file is truncated" in result.stdout
+    assert "Loading model" not in result.stdout and "skip_bad_records" in result.stdout
 
 
 def test_missing_dataset_file_is_named(tiny_models: dict, bad_dataset: Path, tmp_path: Path) -> None:

@@ -205,11 +205,24 @@ def resolve_image(image: str, media_dir: str | os.PathLike[str] | None) -> str:
     if not path.is_file():
         raise RecordError(f"image {image!r} not found (looked for {path})")
     try:
-        with Image.open(path) as picture:
-            picture.verify()
-    except (OSError, SyntaxError, ValueError) as err:
+        decode_image(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise RecordError(f"image {path} is unreadable ({err})") from err
     return str(path)
+
+
+def decode_image(path: str | os.PathLike[str]) -> None:
+    """Decode the whole image, as training will: a truncated file passes PIL's ``verify()`` but fails here.
+
+    A JPEG is decoded at 1/8 size (``draft``): the decoder still reads all of its entropy-coded data, so a missing
+    end is caught, at a fraction of the cost of a full decode.
+    """
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        if picture.format == "JPEG":
+            picture.draft("RGB", (max(1, picture.width // 8), max(1, picture.height // 8)))
+        picture.load()
 
 
 def load_cmkp_files(
