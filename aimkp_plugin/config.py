@@ -93,6 +93,14 @@ class AimkpArguments:
             "group of its own. 0: no limit."
         },
     )
+    aimkp_projector_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the projector's trained parameters, in their own optimizer parameter group "
+            "(the authors used 2e-5 with 2e-4 for LoRA); everything else keeps learning_rate, and the scheduler "
+            "scales both. Unset: one learning rate. Works with aimkp: false too."
+        },
+    )
     aimkp_input_setting: str = field(
         default="full",
         metadata={
@@ -131,6 +139,12 @@ class AimkpArguments:
         if self.aimkp_fast_buffer_mb < 0:
             value = self.aimkp_fast_buffer_mb
             raise AimkpConfigError(f"aimkp_fast_buffer_mb must be an integer >= 0 (0: no limit), got {value}.")
+        if self.aimkp_projector_lr is not None:
+            self.aimkp_projector_lr = _to_float("aimkp_projector_lr", self.aimkp_projector_lr)
+            if self.aimkp_projector_lr < 0:
+                raise AimkpConfigError(
+                    f"aimkp_projector_lr must be a learning rate >= 0, got {self.aimkp_projector_lr}."
+                )
         self.aimkp_modalities = _to_modalities(self.aimkp_modalities)
         if self.aimkp_input_setting not in INPUT_SETTINGS:
             allowed = ", ".join(INPUT_SETTINGS)
@@ -270,6 +284,30 @@ SETUP_KEYS = (
     + ("label_smoothing_factor", "neftune_noise_alpha")
 )
 SUPPORTED_ENGINES = "single process, or DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs)"
+# LLaMA-Factory options that build their own optimizer (or parameter groups): aimkp_projector_lr cannot add a group.
+OWN_OPTIMIZER_KEYS = (
+    "loraplus_lr_ratio",
+    "use_galore",
+    "use_apollo",
+    "use_badam",
+    "use_adam_mini",
+    "use_muon",
+    "deepspeed",
+    "fsdp",
+)
+SETUP_KEYS = SETUP_KEYS + tuple(key for key in OWN_OPTIMIZER_KEYS if key not in SETUP_KEYS)
+
+
+def check_projector_lr_config(setup: dict[str, Any]) -> None:
+    """Reject ``aimkp_projector_lr`` with options that make their own optimizer; ``setup`` maps ``SETUP_KEYS``."""
+    for name in OWN_OPTIMIZER_KEYS:
+        value = setup.get(name)
+        if value in (None, False, "", [], "false", "False", 0, "0"):
+            continue
+        raise AimkpConfigError(
+            f"aimkp_projector_lr cannot be combined with {name}: {value} ({name} builds its own optimizer or "
+            f"parameter groups, so the projector's group could not be added). Remove {name}, or aimkp_projector_lr."
+        )
 
 
 def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:

@@ -72,6 +72,13 @@ def test_fast_buffer_budget_is_a_non_negative_integer_in_mib() -> None:
         parse_aimkp_arguments({"aimkp_fast_buffer_mb": -5})
 
 
+def test_projector_learning_rate_is_a_non_negative_number() -> None:
+    assert parse_aimkp_arguments({}).aimkp_projector_lr is None
+    assert parse_aimkp_arguments({"aimkp_projector_lr": "2e-5"}).aimkp_projector_lr == 2e-5
+    with pytest.raises(AimkpConfigError, match=r"aimkp_projector_lr must be a learning rate >= 0"):
+        parse_aimkp_arguments({"aimkp_projector_lr": -1})
+
+
 def test_unknown_key_suggests_the_closest() -> None:
     with pytest.raises(AimkpConfigError, match="Did you mean 'aimkp_text_threshold'") as error:
         parse_aimkp_arguments({"aimkp_txt_threshold": 0.2})

@@ -45,6 +45,7 @@ def test_recipe_parses_with_llamafactory(recipe: Path, tmp_path: Path) -> None:
     if recipe.name.startswith("aimkp_"):
         assert active_arguments().aimkp_text_threshold == 0.1 and active_arguments().aimkp_image_threshold == 0.4
         assert (finetuning_args.lora_rank, finetuning_args.lora_alpha) == (128, 256)
+        assert finetuning_args.lora_dropout == 0.05 and active_arguments().aimkp_projector_lr == 2e-5
         assert training_args.learning_rate == 2e-4 and training_args.num_train_epochs == 4
         assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 16
 

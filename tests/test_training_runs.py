@@ -8,6 +8,9 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+import torch
+
 from aimkp_plugin.data.cmkp import iter_records
 
 from .conftest import REPO, read_trace, subprocess_env, tiny_train_config
@@ -127,3 +130,60 @@ def test_gemma3_with_a_template_that_drops_its_image_blocks_is_rejected_before_l
     assert result.returncode != 0
     assert "aimkp: true with a gemma3 model: template: llava does not mark Gemma 3's image tokens" in result.stdout
     assert "Set template: gemma3." in result.stdout and "Loading dataset" not in result.stdout
+
+
+def projector_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The projector's tensors of a saved adapter, or of a model's own weights, by their name after the projector."""
+    from safetensors.torch import load_file
+
+    path = folder / (
+        "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
+    )
+    marker = "multi_modal_projector."
+    return {name.split(marker)[1]: tensor for name, tensor in load_file(path).items() if marker in name}
+
+
+@pytest.mark.parametrize("aimkp", [False, True])
+def test_projector_learning_rate_zero_keeps_the_projector_and_trains_the_rest(
+    aimkp: bool, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    """aimkp_projector_lr: 0 leaves the projector bit-identical to the base model while LoRA trains; the projector
+    lr equal to learning_rate gives the run without the key (plain SFT and AimKP alike)."""
+    from safetensors.torch import load_file
+
+    from .test_aimkp_training import assert_same_adapter
+
+    common = {"additional_target": "multi_modal_projector,lm_head", "max_steps": 2, "aimkp": aimkp}
+    outputs = {name: tmp_path / name for name in ("zero", "same", "none")}
+    for name, extra in (("zero", {"aimkp_projector_lr": 0}), ("same", {"aimkp_projector_lr": 1.0e-3}), ("none", {})):
+        config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, outputs[name], **common, **extra)
+        result = llamafactory_runner(config)
+        assert result.returncode == 0, result.stdout[-4000:]
+        if extra:
+            assert "projector tensors train at lr" in result.stdout
+    base = projector_tensors(tiny_models["llava"])
+    trained = projector_tensors(outputs["zero"])
+    assert trained.keys() == base.keys() and len(base) == 4
+    for name, tensor in base.items():
+        assert torch.equal(trained[name], tensor), name
+    assert_same_adapter(outputs["none"], outputs["same"], rtol=1e-6)
+
+    zero, none = (
+        load_file(outputs["zero"] / "adapter_model.safetensors"),
+        load_file(outputs["none"] / "adapter_model.safetensors"),
+    )
+    lora = [name for name in zero if "lora_B" in name]
+    assert lora and all(not torch.equal(zero[name], none[name]) or zero[name].abs().sum() > 0 for name in lora)
+    assert any(zero[name].abs().sum() > 0 for name in lora)  # LoRA B starts at zero: it moved
+
+
+def test_projector_learning_rate_with_loraplus_is_rejected(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    config = tiny_train_config(
+        tiny_models["llava"], "llava", cmkp_workspace, tmp_path / "out", aimkp_projector_lr=2e-5, loraplus_lr_ratio=16
+    )
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert "aimkp_projector_lr cannot be combined with loraplus_lr_ratio: 16" in result.stdout
+    assert "Loading dataset" not in result.stdout

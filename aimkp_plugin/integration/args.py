@@ -18,6 +18,7 @@ from ..config import (
     AimkpConfigError,
     argv_value,
     check_model_has_image_input,
+    check_projector_lr_config,
     check_training_config,
     parse_aimkp_arguments,
     split_aimkp_argv,
@@ -57,8 +58,11 @@ def extract_aimkp_arguments(config: Any) -> tuple[Any, AimkpArguments | None]:
     if not ours:
         return config, None
     arguments = parse_aimkp_arguments(ours)
+    setup = {key: _config_value(rest, key) for key in SETUP_KEYS}
     if arguments.aimkp:
-        check_training_config(arguments, {key: _config_value(rest, key) for key in SETUP_KEYS})
+        check_training_config(arguments, setup)
+    if arguments.aimkp_projector_lr is not None:
+        check_projector_lr_config(setup)
     return rest, arguments
 
 
@@ -133,10 +137,17 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
         raise AimkpConfigError("aimkp: true needs model_name_or_path.")
     trust = str(_config_value(config, "trust_remote_code")).strip().lower() in TRUE_STRINGS
     model_config = load_model_config(str(model), trust)
-    check_model_has_image_input(str(model), model_config)
     from ..families import family_for  # torch and the family modules: only once a run asks for AimKP
 
     family = family_for(model_config.get("model_type"))
+    if arguments.aimkp_projector_lr is not None and not family.projector:
+        raise AimkpConfigError(
+            f"aimkp_projector_lr: no projector is known for model_type {family.name} (the families of the README's "
+            "Supported models table name theirs). Remove aimkp_projector_lr."
+        )
+    if not arguments.aimkp:
+        return
+    check_model_has_image_input(str(model), model_config)
     problems = family.run_problems(model_config, lambda name: _config_value(config, name))
     if problems:
         raise AimkpConfigError(f"aimkp: true with a {family.name} model: " + " ".join(problems))
@@ -152,7 +163,7 @@ def _patch_train_tuner_training_function(module: ModuleType) -> None:
 
     def _training_function(original: Any, config: dict[str, Any]) -> Any:
         arguments = active_arguments()
-        if arguments is not None and arguments.aimkp:
+        if arguments is not None and (arguments.aimkp or arguments.aimkp_projector_lr is not None):
             patching.require_active()
             check_before_training(config.get("args") or {}, arguments)
         return original(config)

@@ -75,6 +75,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         arguments = active_arguments()
         self.aimkp = arguments if arguments is not None and arguments.aimkp else None
+        self.aimkp_projector_lr = arguments.aimkp_projector_lr if arguments is not None else None
         self.aimkp_callback: AimkpCallback | None = None
         train_dataset = kwargs.get("train_dataset")
         if self.aimkp is not None and train_dataset is not None:
@@ -131,6 +132,33 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             f"{len(layout.vision_parameters)} trained vision-side tensors)."
         )
         return layout
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        """LLaMA-Factory's optimizer; with ``aimkp_projector_lr`` the projector's trained parameters move into
+        parameter groups of their own at that learning rate (each keeping its weight decay), before any step."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if fresh and self.aimkp_projector_lr is not None:
+            core = self.accelerator.unwrap_model(self.model)
+            projector = family_for(getattr(core.config, "model_type", None)).projector
+            names = {id(parameter): name for name, parameter in core.named_parameters()}
+            moved_groups = []
+            for group in optimizer.param_groups:
+                moved = [p for p in group["params"] if f".{projector}." in f".{names.get(id(p), '')}"]
+                if moved:
+                    group["params"] = [p for p in group["params"] if all(p is not m for m in moved)]
+                    moved_groups.append({**group, "params": moved, "lr": self.aimkp_projector_lr})
+            if not moved_groups:
+                raise ValueError(
+                    f"aimkp_projector_lr is set, but no trained parameter belongs to the projector ({projector}). "
+                    f"Train it (additional_target: {projector}, or freeze_multi_modal_projector: false), or remove "
+                    "aimkp_projector_lr."
+                )
+            for group in moved_groups:
+                optimizer.add_param_group(group)
+            count = sum(len(group["params"]) for group in moved_groups)
+            logger.info(f"aimkp-plugin: {count} projector tensors train at lr {self.aimkp_projector_lr}.")
+        return optimizer
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if self.aimkp_callback is not None and resume_from_checkpoint:
