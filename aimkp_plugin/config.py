@@ -278,12 +278,6 @@ UNSUPPORTED_OPTIONS = (
     ("enable_liger_kernel", "Liger's fused cross-entropy returns no logits, and the step needs each copy's own loss"),
     ("use_unsloth", "Unsloth replaces the model's forward and attention, which the step calls with its own masks"),
 )
-SETUP_KEYS = (
-    ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
-    + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
-    + ("label_smoothing_factor", "neftune_noise_alpha")
-)
-SUPPORTED_ENGINES = "single process, or DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs)"
 # LLaMA-Factory options that build their own optimizer (or parameter groups): aimkp_projector_lr cannot add a group.
 OWN_OPTIMIZER_KEYS = (
     "loraplus_lr_ratio",
@@ -295,7 +289,15 @@ OWN_OPTIMIZER_KEYS = (
     "deepspeed",
     "fsdp",
 )
-SETUP_KEYS = SETUP_KEYS + tuple(key for key in OWN_OPTIMIZER_KEYS if key not in SETUP_KEYS)
+SETUP_KEYS = tuple(
+    dict.fromkeys(
+        ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
+        + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
+        + ("label_smoothing_factor", "neftune_noise_alpha")
+        + OWN_OPTIMIZER_KEYS
+    )
+)  # the config values the checks read, each once
+SUPPORTED_ENGINES = "single process, or DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs)"
 
 
 def check_projector_lr_config(setup: dict[str, Any]) -> None:
