@@ -94,6 +94,7 @@ def training_form(model: Path, dataset_dir: Path, output_dir: Path, **aimkp: Any
         "train.extra_args": json.dumps(extra_args),
         "train.output_dir": str(output_dir),  # a path with a separator is used as it is
         "train.config_path": "aimkp_ui.yaml",
+        "train.additional_target": "multi_modal_projector",  # trained, so that the projector's learning rate applies
     }
     return values | {f"train.{name}": value for name, value in aimkp.items()}
 
@@ -111,6 +112,7 @@ SECTION = {  # the section as a user might set it: every value differs from its 
     "aimkp_modalities": ["image"],
     "aimkp_filter": False,
     "aimkp_progressive": False,
+    "aimkp_projector_lr": 2e-5,
 }
 
 
@@ -122,7 +124,8 @@ def test_section_inputs_are_bound_to_preview_start_save_and_load(ui: tuple[Any, 
         assert inputs <= set(handlers[name].inputs), name
     assert inputs <= set(handlers["load_args"].outputs)
     assert {name: engine.manager.get_elem_by_id(f"train.{name}").value for name in INPUTS} == {
-        name: getattr(DEFAULTS, name) for name in INPUTS
+        name: "" if name == "aimkp_projector_lr" else getattr(DEFAULTS, name)
+        for name in INPUTS  # empty: unset
     }
 
 
@@ -142,16 +145,20 @@ def test_start_writes_a_yaml_that_trains_with_the_section_values(
     result = run_llamafactory(config_file, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     assert json.loads((out / "aimkp_state.json").read_text())["init_stride"] == 2
+    assert "projector tensors train at lr 2e-05" in result.stdout
 
 
 def test_with_aimkp_off_the_arguments_have_no_aimkp_key(ui: tuple[Any, Any], tmp_path: Path) -> None:
+    """Only the projector's learning rate stays (plain SFT takes it), and only while it is set."""
     from llamafactory.webui.common import gen_cmd, save_cmd
 
     runner = ui[0].runner
     data = form(ui, training_form(tmp_path / "model", tmp_path, tmp_path / "out", aimkp=False, **SECTION))
     args = runner._parse_train_args(data)
-    assert aimkp_items(args) == {} and "--aimkp" not in gen_cmd(args)
-    assert aimkp_items(yaml.safe_load(Path(save_cmd(args)).read_text())) == {}
+    assert aimkp_items(args) == {"aimkp_projector_lr": 2e-5} and "--aimkp " not in gen_cmd(args) + " "
+    assert aimkp_items(yaml.safe_load(Path(save_cmd(args)).read_text())) == {"aimkp_projector_lr": 2e-5}
+    unset = form(ui, training_form(tmp_path / "model", tmp_path, tmp_path / "out", aimkp=False))
+    assert aimkp_items(runner._parse_train_args(unset)) == {}
 
 
 @pytest.mark.parametrize(
@@ -160,6 +167,7 @@ def test_with_aimkp_off_the_arguments_have_no_aimkp_key(ui: tuple[Any, Any], tmp
         ({"train.aimkp_modalities": []}, "aimkp_modalities must name one or more of: text, image"),
         ({"train.compute_type": "fp16"}, "aimkp: true cannot be combined with fp16: true"),
         ({"train.training_stage": "DPO"}, "aimkp: true needs stage one of: sft"),
+        ({"train.aimkp_projector_lr": "fast"}, "aimkp_projector_lr must be a number, got 'fast'"),
     ],
 )
 def test_bad_aimkp_settings_are_reported_in_the_train_tab(

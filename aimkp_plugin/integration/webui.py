@@ -40,6 +40,7 @@ INPUTS = (
     "aimkp_modalities",
     "aimkp_filter",
     "aimkp_progressive",
+    "aimkp_projector_lr",
 )
 ANCHOR = "badam_tab"  # the last method section of LLaMA-Factory 0.9.5's Train tab (SwanLab, after it, is logging)
 MAX_INIT_STRIDE = 64
@@ -83,6 +84,17 @@ TEXTS: dict[str, dict[str, dict[str, str]]] = {
         "en": {"label": "Progressive strides", "info": "Off: strides stay at the initial stride."},
         "zh": {"label": "渐进步长", "info": "关闭时步长保持初始值。"},
     },
+    "aimkp_projector_lr": {
+        "en": {
+            "label": "Projector learning rate",
+            "info": "The projector's own learning rate (the authors: 2e-5). Empty: the learning rate. Also without "
+            "AimKP.",
+        },
+        "zh": {
+            "label": "投影层学习率",
+            "info": "投影层单独的学习率（作者使用 2e-5）。留空则使用学习率。不启用 AimKP 时也生效。",
+        },
+    },
 }
 
 
@@ -121,6 +133,8 @@ def _new_inputs() -> dict[str, Component]:
         "aimkp_modalities": gr.CheckboxGroup(choices=list(MODALITIES), value=defaults.aimkp_modalities, render=False),
         "aimkp_filter": gr.Checkbox(value=defaults.aimkp_filter, render=False),
         "aimkp_progressive": gr.Checkbox(value=defaults.aimkp_progressive, render=False),
+        # a text box: empty means unset (a number box would send 0, which freezes the projector)
+        "aimkp_projector_lr": gr.Textbox(value="", placeholder="e.g. 2e-5", render=False),
     }
 
 
@@ -185,6 +199,8 @@ def _train_tab_with_aimkp(original: Any, engine: Any) -> dict[str, Any]:
             with gr.Column():
                 inputs["aimkp_filter"].render()
                 inputs["aimkp_progressive"].render()
+        with gr.Row():
+            inputs["aimkp_projector_lr"].render()
     _place_after_anchor(tab, elems)
     return {**elems, TAB: tab, **inputs}
 
@@ -264,10 +280,21 @@ def section_values(manager: Any, data: dict[Component, Any]) -> dict[str, Any] |
 
 
 def aimkp_keys(values: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``aimkp*`` training arguments for the section's values: none unless "Use AimKP" is ticked."""
-    if not values or not values[ENABLE]:
+    """The ``aimkp*`` training arguments for the section's values: none unless "Use AimKP" is ticked, except the
+    projector's learning rate, which plain SFT takes too (and only when it is set)."""
+    if not values:
         return {}
-    return {**values, "aimkp_modalities": ",".join(values["aimkp_modalities"] or ())}  # one string: YAML and CLI
+    projector = {}
+    projector_lr = values.get("aimkp_projector_lr")
+    if projector_lr is not None and str(projector_lr).strip():
+        try:
+            projector = {"aimkp_projector_lr": float(projector_lr)}
+        except ValueError:  # passed on as typed: the argument check names it
+            projector = {"aimkp_projector_lr": str(projector_lr).strip()}
+    if not values[ENABLE]:
+        return projector
+    keys = {name: value for name, value in values.items() if name != "aimkp_projector_lr"}
+    return {**keys, "aimkp_modalities": ",".join(values["aimkp_modalities"] or ()), **projector}  # one string
 
 
 def _patch_webui_runner_parse_train_args(module: ModuleType) -> None:
