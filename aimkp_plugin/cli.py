@@ -20,9 +20,17 @@ PTH_NAME = "aimkp_plugin.pth"
 
 
 def _models_tiny(options: argparse.Namespace) -> int:
-    from .models.tiny import build_tiny_model
+    from .models.tiny import TINY_MODELS, build_tiny_model
 
-    for name in options.name:
+    names = options.name or list(TINY_MODELS)
+    unknown = [name for name in names if name not in TINY_MODELS]
+    if unknown:
+        print(
+            f"aimkp models tiny: unknown model(s) {', '.join(unknown)}; choose from: {', '.join(TINY_MODELS)}.",
+            file=sys.stderr,
+        )
+        return 2
+    for name in names:
         path = build_tiny_model(name, Path(options.out) / name, force=options.force)
         print(f"{name}: {path}")
     return 0
@@ -124,15 +132,14 @@ def _doctor(options: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models.tiny import TINY_MODELS
-
+    # nothing here imports torch: the tiny models' names are checked when that command runs
     parser = argparse.ArgumentParser(prog="aimkp", description="AimKP for LLaMA-Factory: tools around training.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     models = commands.add_parser("models", help="Build models.").add_subparsers(dest="what", required=True)
     tiny = models.add_parser("tiny", help="Build tiny random-init multimodal models (offline, cached).")
     tiny.add_argument("--out", required=True, help="Folder; each model goes to OUT/<name>.")
-    tiny.add_argument("--name", nargs="+", choices=list(TINY_MODELS), default=list(TINY_MODELS), help="Models.")
+    tiny.add_argument("--name", nargs="+", help="Models (default: all; `aimkp models families` lists them).")
     tiny.add_argument("--force", action="store_true", help="Rebuild even if a matching build exists.")
     tiny.set_defaults(run=_models_tiny)
     families = models.add_parser("families", help="The supported model families, as a markdown table.")

@@ -66,3 +66,22 @@ def test_tiny_qwen2_5vl_trains(cmkp_workspace: Path, tmp_path: Path, llamafactor
     result = llamafactory_runner(config)
     assert result.returncode == 0, result.stdout[-4000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_names_unknown_tiny_models_and_its_parser_imports_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env
+
+    result = subprocess.run(
+        ["aimkp", "models", "tiny", "--out", str(tmp_path), "--name", "llava", "bogus"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "unknown model(s) bogus; choose from: llava, llava-576" in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing built before the names were checked
+    probe = "import sys, aimkp_plugin.cli as cli; cli.build_parser(); print('torch' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True)
+    assert imported.stdout.strip() == "False", imported.stderr

@@ -35,10 +35,6 @@ def family_for(model_type: str | None) -> ModelFamily:
     return family if family is not None else GenericFamily(model_type or "unknown")
 
 
-def is_known(model_type: str | None) -> bool:
-    return (model_type or "") in FAMILY_TABLE
-
-
 __all__ = [
     "FAMILIES",
     "FAMILY_TABLE",
@@ -47,5 +43,4 @@ __all__ = [
     "ImageLayoutError",
     "ModelFamily",
     "family_for",
-    "is_known",
 ]
