@@ -141,12 +141,12 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         if fresh and self.aimkp_projector_lr is not None:
             core = self.accelerator.unwrap_model(self.model)
             projector = family_for(getattr(core.config, "model_type", None)).projector
-            names = {id(parameter): name for name, parameter in core.named_parameters()}
+            in_projector = {id(p) for name, p in core.named_parameters() if f".{projector}." in f".{name}"}
             moved_groups = []
             for group in optimizer.param_groups:
-                moved = [p for p in group["params"] if f".{projector}." in f".{names.get(id(p), '')}"]
+                moved = [p for p in group["params"] if id(p) in in_projector]
                 if moved:
-                    group["params"] = [p for p in group["params"] if all(p is not m for m in moved)]
+                    group["params"] = [p for p in group["params"] if id(p) not in in_projector]
                     moved_groups.append({**group, "params": moved, "lr": self.aimkp_projector_lr})
             if not moved_groups:
                 raise ValueError(
