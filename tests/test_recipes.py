@@ -23,6 +23,7 @@ def test_all_expected_recipes_exist() -> None:
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names
         assert {f"predict_{family}_text_only.yaml", f"predict_{family}_image_only.yaml"} <= names
     assert {"demo/demo_llava_train.yaml", "demo/demo_llava_predict.yaml"} <= names
+    assert {"aimkp_llava_select_best.yaml", "predict_llava_authors_decoding.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.relative_to(REPO / "recipes").as_posix())
@@ -48,6 +49,9 @@ def test_recipe_parses_with_llamafactory(recipe: Path, tmp_path: Path) -> None:
         assert finetuning_args.lora_dropout == 0.05 and active_arguments().aimkp_projector_lr == 2e-5
         assert training_args.learning_rate == 2e-4 and training_args.num_train_epochs == 4
         assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 16
+    if recipe.name == "aimkp_llava_select_best.yaml":
+        assert training_args.metric_for_best_model == "eval_aimkp_score" and training_args.load_best_model_at_end
+        assert training_args.predict_with_generate and data_args.eval_dataset == ["cmkp_valid"]
 
 
 def test_dataset_info_lists_cmkp_splits_and_the_demo() -> None:

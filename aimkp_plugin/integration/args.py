@@ -25,6 +25,7 @@ from ..config import (
     split_aimkp_keys,
 )
 from . import patching
+from .evaluation import set_keyphrase_evaluation
 
 
 _active_arguments: AimkpArguments | None = None
@@ -157,15 +158,18 @@ def _patch_train_tuner_training_function(module: ModuleType) -> None:
     """Wrap ``llamafactory.train.tuner._training_function`` to check an AimKP run before any model is loaded.
 
     Why: ``_training_function`` is the first place all processes (single, torchrun ranks, the web UI's training
-    process) pass through with the parsed config and before ``run_sft`` loads the model. Tested on llamafactory
+    process) pass through with the parsed config and before ``run_sft`` loads the model. It also decides here whether
+    evaluation reports the keyphrase metrics (``cmkp`` evaluation data with generation). Tested on llamafactory
     0.9.5.
     """
 
     def _training_function(original: Any, config: dict[str, Any]) -> Any:
         arguments = active_arguments()
+        run_config = config.get("args") or {}
+        set_keyphrase_evaluation(lambda name: _config_value(run_config, name))
         if arguments is not None and (arguments.aimkp or arguments.aimkp_projector_lr is not None):
             patching.require_active()
-            check_before_training(config.get("args") or {}, arguments)
+            check_before_training(run_config, arguments)
         return original(config)
 
     patching.wrap_function(module, "_training_function", "training_function", _training_function)

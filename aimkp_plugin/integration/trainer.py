@@ -10,7 +10,8 @@ With ``aimkp: true`` the trainer's ``training_step`` runs the AimKP step instead
   the filtering decision uses each sample's own gradients, before any all-reduce;
 - clipping, the optimizer and the scheduler then run as usual.
 
-Without ``aimkp: true`` the subclass behaves exactly like LLaMA-Factory's trainer.
+With ``cmkp`` evaluation data and ``predict_with_generate`` (with or without AimKP), evaluation also reports the
+keyphrase metrics (:mod:`.evaluation`). Otherwise the subclass behaves exactly like LLaMA-Factory's trainer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +36,7 @@ from . import patching
 from .args import active_arguments
 from .batches import BatchSplitter
 from .callback import AimkpCallback, distributed
+from .evaluation import PREDICTIONS_FOLDER, KeyphraseMetrics, keyphrase_evaluation
 
 
 logger = logging.getLogger("llamafactory.aimkp")
@@ -84,7 +87,17 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             kwargs["data_collator"] = IndexPassingCollator(kwargs["data_collator"])
             self.aimkp_callback = AimkpCallback(self.aimkp, fingerprints)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.aimkp_callback]
+        self.aimkp_generation: dict[str, Any] | None = None
+        self.aimkp_eval_prefix: str | None = None
+        metrics = None
+        if keyphrase_evaluation() and kwargs.get("gen_kwargs") is not None:
+            self.aimkp_generation = dict(kwargs["gen_kwargs"])
+            tokenizer = kwargs.get("processing_class", kwargs.get("tokenizer"))
+            metrics = KeyphraseMetrics(tokenizer, kwargs.get("compute_metrics"))
+            kwargs["compute_metrics"] = metrics
         super().__init__(*args, **kwargs)
+        if metrics is not None:
+            metrics.predictions_file = self._aimkp_predictions_file
         if self.aimkp_callback is not None:
             core = self.accelerator.unwrap_model(self.model)
             self.aimkp_family = self._aimkp_family(core)
@@ -237,6 +250,30 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         scale = self.accelerator.num_processes if distributed() else 1
         loss = sum(outcome.original_loss_sum for outcome in outcomes) / total * scale
         return torch.tensor(loss, device=self.args.device)
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval", **gen_kwargs: Any
+    ) -> dict[str, float]:
+        """With keyphrase evaluation: the run's generation keys when none are passed (the trainer's in-training call
+        passes none) and left padding while generating; otherwise LLaMA-Factory's ``evaluate``."""
+        if self.aimkp_generation is None or not self.args.predict_with_generate:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+        tokenizer = self.processing_class
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        self.aimkp_eval_prefix = metric_key_prefix
+        try:
+            generation = gen_kwargs or self.aimkp_generation
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **generation)
+        finally:
+            tokenizer.padding_side = padding_side
+            self.aimkp_eval_prefix = None
+
+    def _aimkp_predictions_file(self) -> Path | None:
+        """Where an evaluation writes its predictions (the main process only; not for ``predict``)."""
+        if self.aimkp_eval_prefix is None or not self.is_world_process_zero():
+            return None
+        name = f"{self.aimkp_eval_prefix}_step{self.state.global_step}.jsonl"
+        return Path(self.args.output_dir) / PREDICTIONS_FOLDER / name
 
     def _aimkp_all_reduce(self, parameters: list[torch.Tensor]) -> None:
         """Sum ``.grad`` over ranks (each rank holds its samples' share of Σ_i G_i / N)."""
