@@ -11,6 +11,7 @@ export HF_HOME := $(BUILD)/cache/huggingface
 export HF_DATASETS_CACHE := $(BUILD)/cache/datasets
 export MPLCONFIGDIR := $(BUILD)/cache/matplotlib
 export NLTK_DATA := $(BUILD)/cache/nltk
+export TORCH_EXTENSIONS_DIR := $(BUILD)/cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
@@ -22,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip==26.3"
-	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed]"
 	touch $@
 
 demo: setup

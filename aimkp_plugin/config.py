@@ -6,6 +6,7 @@ Pure Python: parsing and validating a config never imports torch, transformers o
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -286,7 +287,6 @@ OWN_OPTIMIZER_KEYS = (
     "use_badam",
     "use_adam_mini",
     "use_muon",
-    "deepspeed",
     "fsdp",
 )
 SETUP_KEYS = tuple(
@@ -297,11 +297,77 @@ SETUP_KEYS = tuple(
         + OWN_OPTIMIZER_KEYS
     )
 )  # the config values the checks read, each once
-SUPPORTED_ENGINES = "single process, or DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs)"
+SUPPORTED_ENGINES = (
+    "single process, DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs), or DeepSpeed ZeRO-0, ZeRO-1 and ZeRO-2"
+)
+DEEPSPEED_STAGES = (0, 1, 2)
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, False, "", [], {}, "false", "False", "none", "None")
+
+
+def read_deepspeed_config(value: Any) -> dict[str, Any]:
+    """The DeepSpeed config a ``deepspeed:`` value names: a JSON file (as LLaMA-Factory's examples), inline JSON, or a
+    dict; stops with the file and the reason when it cannot be read."""
+    if isinstance(value, dict):
+        return value
+    text = str(value).strip()
+    source = "the inline deepspeed JSON" if text.startswith("{") else f"deepspeed: {text}"
+    try:
+        config = json.loads(text if text.startswith("{") else open(text, encoding="utf-8").read())
+    except OSError as err:
+        raise AimkpConfigError(f"{source}: cannot read the DeepSpeed config ({err.strerror}).") from err
+    except json.JSONDecodeError as err:
+        raise AimkpConfigError(f"{source}: not valid JSON (line {err.lineno}: {err.msg}).") from err
+    if not isinstance(config, dict):
+        raise AimkpConfigError(f"{source}: a DeepSpeed config is a JSON object.")
+    return config
+
+
+def check_deepspeed_config(value: Any, aimkp: bool, projector_lr: bool) -> None:
+    """Reject DeepSpeed settings the AimKP step (``aimkp``) or ``aimkp_projector_lr`` cannot be exact with.
+
+    The step hands its gradient to DeepSpeed's own backward, so ZeRO-0/1/2 reduce, partition, accumulate and clip it as
+    they would a loss's. ZeRO-3 (and its ``offload_param``) partitions the parameters themselves, which the step reads
+    between the engine's passes; an ``optimizer`` section makes DeepSpeed build the optimizer, so the projector's
+    parameter group could not be added.
+    """
+    config = read_deepspeed_config(value)
+    name = "the inline deepspeed JSON" if isinstance(value, dict) or str(value).strip().startswith("{") else value
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if aimkp and stage not in DEEPSPEED_STAGES:
+        raise AimkpConfigError(
+            f"aimkp: true supports DeepSpeed ZeRO stages 0, 1 and 2, but {name} sets zero_optimization.stage: "
+            f"{stage}. ZeRO-3 partitions the parameters themselves, and the AimKP step reads the LoRA and projector "
+            "weights between the engine's passes to get each copy's gradient. Use a ZeRO-2 config (stage 2, with "
+            "offload_optimizer if memory is short), or DDP without deepspeed."
+        )
+    offload = zero.get("offload_param") if isinstance(zero, dict) else None
+    if aimkp and isinstance(offload, dict) and _is_set(offload.get("device")):
+        raise AimkpConfigError(
+            f"aimkp: true cannot use offload_param ({name}): it moves the parameters off the device between the "
+            "engine's passes (a ZeRO-3 feature). Remove zero_optimization.offload_param; offload_optimizer works."
+        )
+    fp16 = config.get("fp16") or {}
+    if aimkp and isinstance(fp16, dict) and fp16.get("enabled") is True:
+        raise AimkpConfigError(
+            f"aimkp: true is not tested with fp16 ({name} sets fp16.enabled: true). Use bf16 (bf16.enabled, or "
+            "bf16: true in the YAML), or float32."
+        )
+    if projector_lr and "optimizer" in config:
+        raise AimkpConfigError(
+            f"aimkp_projector_lr cannot be combined with the optimizer section of {name}: DeepSpeed then builds the "
+            "optimizer itself, and the projector's parameter group could not be added. Remove the optimizer section "
+            "(LLaMA-Factory's optimizer is used), or aimkp_projector_lr."
+        )
 
 
 def check_projector_lr_config(setup: dict[str, Any]) -> None:
     """Reject ``aimkp_projector_lr`` with options that make their own optimizer; ``setup`` maps ``SETUP_KEYS``."""
+    if _is_set(setup.get("deepspeed")):
+        check_deepspeed_config(setup["deepspeed"], aimkp=False, projector_lr=True)
     for name in OWN_OPTIMIZER_KEYS:
         value = setup.get(name)
         if value in (None, False, "", [], "false", "False", 0, "0"):
@@ -328,7 +394,9 @@ def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
         if value is not None and _to_bool(name, value):
             reason = "masking needs one sample per sequence" if "packing" in name else "samples need a stable index"
             raise AimkpConfigError(f"aimkp: true cannot be combined with {name}: true ({reason}). Set {name}: false.")
-    for name in ("use_ray", "deepspeed", "fsdp"):
+    if _is_set(setup.get("deepspeed")):
+        check_deepspeed_config(setup["deepspeed"], aimkp=True, projector_lr=False)
+    for name in ("use_ray", "fsdp"):
         value = setup.get(name)
         if value not in (None, False, "", [], "false", "False"):
             raise AimkpConfigError(

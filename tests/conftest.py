@@ -37,6 +37,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.setdefault("HF_HOME", str(BUILD / "cache" / "huggingface"))
     env.setdefault("HF_DATASETS_CACHE", str(BUILD / "cache" / "datasets"))
     env.setdefault("MPLCONFIGDIR", str(BUILD / "cache" / "matplotlib"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(BUILD / "cache" / "torch_extensions"))  # DeepSpeed's CPU comm op
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env.update(extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -125,7 +126,11 @@ def test_boolean_rejects_other_values() -> None:
         ({"packing": True}, "packing: true"),
         ({"neat_packing": "true"}, "neat_packing: true"),
         ({"use_ray": True}, "does not support use_ray yet; supported engines: single process"),
-        ({"deepspeed": "ds_z2_config.json"}, "does not support deepspeed yet"),
+        ({"deepspeed": '{"zero_optimization": {"stage": 3}}'}, "ZeRO stages 0, 1 and 2, but the inline .*stage: 3"),
+        ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}}, "offload_param"),
+        ({"deepspeed": {"fp16": {"enabled": True}}}, "not tested with fp16"),
+        ({"deepspeed": "missing_ds.json"}, "deepspeed: missing_ds.json: cannot read the DeepSpeed config"),
+        ({"deepspeed": '{"zero_optimization": '}, "the inline deepspeed JSON: not valid JSON"),
         ({"fsdp": "full_shard"}, "does not support fsdp yet"),
         ({"streaming": True}, "streaming: true"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2"),
@@ -142,6 +147,24 @@ def test_boolean_rejects_other_values() -> None:
 def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) -> None:
     with pytest.raises(AimkpConfigError, match=message):
         extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x", **setup})
+
+
+def test_deepspeed_zero_2_file_is_accepted_and_zero_3_file_named(tmp_path) -> None:
+    for stage in (0, 1, 2):
+        path = tmp_path / f"ds_z{stage}.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}}}))
+        extract_aimkp_arguments({"aimkp": True, "deepspeed": str(path)})
+    path = tmp_path / "ds_z3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(AimkpConfigError, match=f"{path} sets zero_optimization.stage: 3"):
+        extract_aimkp_arguments({"aimkp": True, "deepspeed": str(path)})
+    extract_aimkp_arguments({"aimkp": False, "deepspeed": str(path)})  # plain SFT: LLaMA-Factory's business
+
+
+def test_projector_lr_refuses_a_deepspeed_optimizer_section() -> None:
+    extract_aimkp_arguments({"aimkp_projector_lr": 2e-5, "deepspeed": {"zero_optimization": {"stage": 2}}})
+    with pytest.raises(AimkpConfigError, match="optimizer section of the inline deepspeed JSON"):
+        extract_aimkp_arguments({"aimkp_projector_lr": 2e-5, "deepspeed": {"optimizer": {"type": "AdamW"}}})
 
 
 def test_unsupported_setups_are_fine_when_aimkp_is_off() -> None:

@@ -178,6 +178,28 @@ def test_bad_aimkp_settings_are_reported_in_the_train_tab(
     assert error.startswith("AimKP: ") and message in error
 
 
+@pytest.mark.parametrize(
+    ("stage", "offload", "message"),
+    [
+        ("2", False, ""),
+        ("2", True, ""),
+        ("3", False, "ZeRO stages 0, 1 and 2, but llamaboard_cache/ds_z3_config.json"),
+    ],
+)
+def test_deepspeed_stage_with_aimkp_in_the_train_tab(
+    ui: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, offload: bool, message: str
+) -> None:
+    """ZeRO-2 (with or without optimizer offload) trains with AimKP; ZeRO-3 is named in the Train tab."""
+    from llamafactory.webui.common import create_ds_config
+
+    monkeypatch.chdir(tmp_path)
+    create_ds_config()  # what LlamaBoard writes into its working directory at start
+    values = training_form(tmp_path / "model", tmp_path, tmp_path / "out", aimkp=True)
+    values |= {"train.ds_stage": stage, "train.ds_offload": offload}
+    error = ui[0].runner._initialize(form(ui, values), do_train=True, from_preview=True)
+    assert error == "" if not message else error.startswith("AimKP: ") and message in error, error
+
+
 def test_every_language_labels_the_section(ui: tuple[Any, Any]) -> None:
     from llamafactory.webui.locales import LOCALES
 

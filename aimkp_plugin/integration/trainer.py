@@ -5,9 +5,10 @@ With ``aimkp: true`` the trainer's ``training_step`` runs the AimKP step instead
 - sample identity: each training sample's index in LLaMA-Factory's final train dataset (stable across epochs,
   shuffling and resume), carried through the collator as ``aimkp_index``; a fingerprint of its token ids matches
   samples when a saved state is restored;
-- the step writes ``.grad`` itself (token-weighted over the whole optimizer step: all micro-batches, all ranks), so
-  on several processes it all-reduces the gradients at the synchronising micro-step instead of relying on DDP hooks;
-  the filtering decision uses each sample's own gradients, before any all-reduce;
+- the step computes the gradient itself (token-weighted over the whole optimizer step: all micro-batches, all ranks);
+  under DDP it writes ``.grad`` and all-reduces it at the synchronising micro-step instead of relying on DDP hooks;
+  under DeepSpeed ZeRO-0/1/2 it hands the gradient to the engine's own backward (:mod:`.engines`); the filtering
+  decision uses each sample's own gradients, before any reduction;
 - clipping, the optimizer and the scheduler then run as usual.
 
 With ``cmkp`` evaluation data and ``predict_with_generate`` (with or without AimKP), evaluation also reports the
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
+from ..config import DEEPSPEED_STAGES, AimkpConfigError
 from ..families import GenericFamily, ModelFamily, family_for
 from ..families.base import attention_mask_dtype
 from ..method.fast_step import FastStepLayout, FastStepUnsupportedError, fast_batch_step, fast_step_layout
@@ -36,6 +38,7 @@ from . import patching
 from .args import active_arguments
 from .batches import BatchSplitter
 from .callback import AimkpCallback, distributed
+from .engines import deepspeed_multiplier, is_deepspeed, surrogate_loss, suspended_zero_hooks
 from .evaluation import PREDICTIONS_FOLDER, KeyphraseMetrics, keyphrase_evaluation
 
 
@@ -99,6 +102,12 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         if metrics is not None:
             metrics.predictions_file = self._aimkp_predictions_file
         if self.aimkp_callback is not None:
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            if plugin is not None and plugin.zero_stage not in DEEPSPEED_STAGES:
+                raise AimkpConfigError(
+                    f"aimkp: true supports DeepSpeed ZeRO stages {', '.join(map(str, DEEPSPEED_STAGES))}, not "
+                    f"ZeRO-{plugin.zero_stage} (README, Supported engines). Use a ZeRO-2 config, or DDP."
+                )
             core = self.accelerator.unwrap_model(self.model)
             self.aimkp_family = self._aimkp_family(core)
             self.aimkp_splitter = BatchSplitter(core.config, self.processing_class, self.aimkp_family)
@@ -212,7 +221,14 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         total = max(self.aimkp_step_tokens, 1.0)
         epoch = int(self.state.epoch or 0)
         outcomes = []
-        sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
+        deepspeed = is_deepspeed(self)
+        held_grads = [parameter.grad for parameter in parameters] if deepspeed else []
+        if deepspeed:  # the engine's own gradients stay apart while the step writes this micro-batch's g
+            for parameter in parameters:
+                parameter.grad = None
+            sync = suspended_zero_hooks(model)
+        else:
+            sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
         state, config = self.aimkp_callback.state, self.aimkp_config
         with sync:
             samples = self.aimkp_splitter.split(inputs, indices)
@@ -243,8 +259,10 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
                     )
                 )
         self.aimkp_callback.record(outcomes)
+        if deepspeed:
+            self._aimkp_hand_to_deepspeed(model, parameters, held_grads)
         if self.accelerator.gradient_state.sync_gradients:
-            if distributed():
+            if distributed() and not deepspeed:
                 self._aimkp_all_reduce(parameters)
             self.aimkp_callback.synchronise()
         scale = self.accelerator.num_processes if distributed() else 1
@@ -274,6 +292,17 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             return None
         name = f"{self.aimkp_eval_prefix}_step{self.state.global_step}.jsonl"
         return Path(self.args.output_dir) / PREDICTIONS_FOLDER / name
+
+    def _aimkp_hand_to_deepspeed(self, engine: Any, parameters: list[torch.Tensor], held: list[Any]) -> None:
+        """Give this micro-batch's g (in ``.grad``) to the DeepSpeed engine's own backward (:mod:`.engines`): once
+        per micro-step on every rank, a zero g included, since the engine reduces and steps collectively."""
+        gradients = [
+            parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters
+        ]
+        for parameter, previous in zip(parameters, held, strict=True):
+            parameter.grad = previous
+        loss = surrogate_loss(parameters, gradients, deepspeed_multiplier(engine))
+        self.accelerator.backward(loss, scale_wrt_gas=False)
 
     def _aimkp_all_reduce(self, parameters: list[torch.Tensor]) -> None:
         """Sum ``.grad`` over ranks (each rank holds its samples' share of Σ_i G_i / N)."""

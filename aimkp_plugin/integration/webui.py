@@ -315,7 +315,7 @@ def _patch_webui_runner_parse_train_args(module: ModuleType) -> None:
 def _patch_webui_runner_initialize(module: ModuleType) -> None:
     """Wrap ``llamafactory.webui.runner.Runner._initialize`` to check the AimKP values before Preview, Save, Start.
 
-    Why: the training process would stop on the same problems (no modality chosen, fp16, packing, DeepSpeed, a stage
+    Why: the training process would stop on the same problems (no modality chosen, fp16, packing, ZeRO-3, a stage
     other than SFT), but only after Start, in its log; here the Train tab shows the message at once, the way
     LLaMA-Factory reports its own invalid settings. Tested on llamafactory 0.9.5 with gradio 5.50.0. It can go when
     LlamaBoard accepts plugin sections.

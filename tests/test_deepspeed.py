@@ -1,0 +1,111 @@
+"""AimKP under DeepSpeed on 2 CPU processes (gloo): the same curriculum and adapter as DDP, resume, refusals.
+
+The shipped ``recipes/deepspeed/ds_z{0,1,2}_config.json`` are the configs under test. Every run uses SGD so that
+float32 rounding stays at its own size (see ``assert_same_adapter``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+from .test_aimkp_training import aimkp_config, assert_same_adapter, read_state
+
+
+DEEPSPEED = REPO / "recipes" / "deepspeed"
+TWO_RANKS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def two_rank_config(tiny_models: dict, workspace: Path, out: Path, **overrides) -> dict:
+    """7 posts (odd: the sampler repeats one), batch 1 per rank, accumulation 2, the projector at its own lr."""
+    settings = {
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "max_samples": 7,
+        "optim": "sgd",
+        "learning_rate": 0.05,
+        "additional_target": "multi_modal_projector,lm_head",
+        "aimkp_projector_lr": 0.02,
+        "save_strategy": "no",
+        "logging_steps": 1,
+    }
+    settings.update(overrides)
+    return aimkp_config(tiny_models["llava"], "llava", workspace, out, **settings)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .conftest import run_llamafactory
+
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result = run_llamafactory(two_rank_config(tiny_models, cmkp_workspace, out), out.parent, **TWO_RANKS)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 1, 0])
+def test_zero_stage_trains_as_ddp(
+    stage: int, ddp_run: Path, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    """The step's gradient handed to DeepSpeed's backward gives DDP's curriculum and adapter (1e-5, SGD)."""
+    out = tmp_path / f"zero{stage}"
+    config = two_rank_config(tiny_models, cmkp_workspace, out, deepspeed=str(DEEPSPEED / f"ds_z{stage}_config.json"))
+    result = llamafactory_runner(config, **TWO_RANKS)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "curriculum state identical on all 2 ranks" in result.stdout
+    assert "the fast AimKP step runs for the llava family" in result.stdout
+    state = read_state(out)
+    assert state == read_state(ddp_run)
+    assert set(state["text_stride"]) == {8}  # the curriculum moved: 1 -> 2 -> 4 -> 8
+    assert_same_adapter(ddp_run, out, rtol=1e-5)
+
+
+def test_zero2_resume_gives_the_uninterrupted_state(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    """A ZeRO-2 checkpoint (its DeepSpeed folder and aimkp_state.json) resumes to the uninterrupted run's result."""
+    deepspeed = str(DEEPSPEED / "ds_z2_config.json")
+    full = tmp_path / "full"
+    config = two_rank_config(tiny_models, cmkp_workspace, full, deepspeed=deepspeed, save_strategy="epoch")
+    result = llamafactory_runner(config, **TWO_RANKS)
+    assert result.returncode == 0, result.stdout[-4000:]
+    checkpoints = sorted(full.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert len(checkpoints) == 3 and any(checkpoints[1].glob("global_step*"))  # DeepSpeed's own folder
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(checkpoints[1], resumed / checkpoints[1].name)  # as if the run had been killed after epoch 2
+    config = two_rank_config(
+        tiny_models,
+        cmkp_workspace,
+        resumed,
+        deepspeed=deepspeed,
+        save_strategy="epoch",
+        overwrite_output_dir=False,
+        resume_from_checkpoint=str(resumed / checkpoints[1].name),
+    )
+    result = llamafactory_runner(config, **TWO_RANKS)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "restored the curriculum of 7/7 samples" in result.stdout
+    assert read_state(resumed) == read_state(full)
+    assert_same_adapter(full, resumed, rtol=1e-5)
+
+
+def test_zero3_is_refused_before_the_model_loads(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    ds_config = json.loads((DEEPSPEED / "ds_z2_config.json").read_text())
+    ds_config["zero_optimization"] = {"stage": 3}
+    path = tmp_path / "ds_z3_config.json"
+    path.write_text(json.dumps(ds_config))
+    config = two_rank_config(tiny_models, cmkp_workspace, tmp_path / "run", deepspeed=str(path))
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert f"aimkp: true supports DeepSpeed ZeRO stages 0, 1 and 2, but {path} sets zero_optimization.stage: 3" in (
+        result.stdout
+    )
+    assert "Use a ZeRO-2 config" in result.stdout
+    assert "trainable params" not in result.stdout  # stopped before LLaMA-Factory loaded the model
