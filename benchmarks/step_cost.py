@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,23 +41,21 @@ MODELS = {  # benchmark name -> (tiny model, extra LLaMA-Factory keys); template
 }
 
 
-def build(workdir: Path, name: str, batch_size: int, device: str, bf16: bool):
+def lora_model(
+    workdir: Path, model_path: Path, template_name: str, projector: str, max_samples: int, bf16: bool, extra: dict
+) -> tuple[Any, list[dict], Any, Any]:
+    """The LoRA model of ``model_path`` as LLaMA-Factory's loader builds it for training (``lora_target: all``, the
+    projector trained through ``additional_target``, gradient checkpointing on; ``extra`` adds or overrides keys),
+    the first ``max_samples`` preprocessed demo CMKP posts, the collator and the tokenizer. The model stays on the CPU.
+    """
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_model, load_tokenizer
 
     from aimkp_plugin.data.demo import build_demo_dataset
-    from aimkp_plugin.families import FAMILY_TABLE
     from aimkp_plugin.integration.patching import apply_aimkp_to_llamafactory
 
     apply_aimkp_to_llamafactory()  # a no-op under the .pth activation; needed where the package is only on the path
-    from aimkp_plugin.models.tiny import TINY_MODELS, build_tiny_model
-
-    tiny, extra = MODELS[name]
-    template_name = TINY_MODELS[tiny].template
-    projector = FAMILY_TABLE[TINY_MODELS[tiny].family].projector
-    repo = Path(__file__).resolve().parents[1]
-    model_path = build_tiny_model(tiny, repo / "build" / "tiny" / tiny)
     data = build_demo_dataset(workdir / "demo")
     config = {
         "model_name_or_path": str(model_path),
@@ -70,7 +69,7 @@ def build(workdir: Path, name: str, batch_size: int, device: str, bf16: bool):
         "dataset_dir": str(data),
         "template": template_name,
         "cutoff_len": 1024,
-        "max_samples": batch_size,
+        "max_samples": max_samples,
         "output_dir": str(workdir / "out"),
         "report_to": "none",
         "aimkp": True,
@@ -84,9 +83,34 @@ def build(workdir: Path, name: str, batch_size: int, device: str, bf16: bool):
     dataset = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     model = load_model(tokenizer_module["tokenizer"], model_args, finetuning_args, is_trainable=True)
     collator = SFTDataCollatorWith4DAttentionMask(template=template, model=model, **tokenizer_module)
-    batch = collator([dict(dataset["train_dataset"][index]) for index in range(batch_size)])
-    batch = {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
-    return model.to(device).train(), batch, tokenizer_module["tokenizer"]
+    features = [dict(dataset["train_dataset"][index]) for index in range(max_samples)]
+    return model, features, collator, tokenizer_module["tokenizer"]
+
+
+def collate(collator: Any, features: list[dict], batch_size: int, device: str) -> dict[str, Any]:
+    """The padded batch of the first ``batch_size`` posts, on ``device`` (``features`` stay as they are: the collator
+    pops keys of the dicts it gets)."""
+    batch = collator([dict(feature) for feature in features[:batch_size]])
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def build(workdir: Path, name: str, batch_size: int, device: str, bf16: bool):
+    from aimkp_plugin.families import FAMILY_TABLE
+    from aimkp_plugin.integration.patching import apply_aimkp_to_llamafactory
+
+    apply_aimkp_to_llamafactory()  # a no-op under the .pth activation; needed where the package is only on the path
+    from aimkp_plugin.models.tiny import TINY_MODELS, build_tiny_model
+
+    tiny, extra = MODELS[name]
+    template_name = TINY_MODELS[tiny].template
+    projector = FAMILY_TABLE[TINY_MODELS[tiny].family].projector
+    repo = Path(__file__).resolve().parents[1]
+    model_path = build_tiny_model(tiny, repo / "build" / "tiny" / tiny)
+    model, features, collator, tokenizer = lora_model(
+        workdir, model_path, template_name, projector, batch_size, bf16, extra
+    )
+    batch = collate(collator, features, batch_size, device)
+    return model.to(device).train(), batch, tokenizer
 
 
 def resident_kib(field: str) -> int:
@@ -97,12 +121,20 @@ def resident_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def cpu_peak_bytes(method: str, stride: int, argv: list[str]) -> int:
-    """Resident high-water mark of a fresh process running one ``method`` step twice, above its resident set after
-    building the model (a fork would share OpenMP state with this process, which can hang)."""
-    command = [sys.executable, __file__, *argv, "--measure-memory", f"{method}:{stride}"]
+def cpu_child_measure(method: str, stride: int, argv: list[str], script: str = __file__) -> dict[str, Any]:
+    """What a fresh process (``script`` with ``argv``) measures running one ``method`` step alone
+    (:meth:`StepBench.measure_child`): ``peak_bytes``, its resident high-water mark above its resident set after
+    building the model, the wall-clock ``seconds`` and process ``cpu_seconds`` of each run and the ``load_average``
+    before each (a fork would share OpenMP state with this process, which can hang)."""
+    command = [sys.executable, script, *argv, "--measure-memory", f"{method}:{stride}"]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return int(json.loads(output.strip().splitlines()[-1])["peak_bytes"])
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def cpu_peak_bytes(method: str, stride: int, argv: list[str], script: str = __file__) -> int:
+    """Resident high-water mark of a fresh process running one ``method`` step twice, above its resident set after
+    building the model."""
+    return int(cpu_child_measure(method, stride, argv, script)["peak_bytes"])
 
 
 def cuda_peak_bytes(step: Callable[[], None]) -> int:
@@ -112,6 +144,171 @@ def cuda_peak_bytes(step: Callable[[], None]) -> int:
     step()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - baseline
+
+
+class StepBench:
+    """The three steps on one LoRA model and one padded batch: plain SFT (one forward/backward of the batch), the
+    reference AimKP step and the fast one, every sample at text and image stride γ (not frozen).
+
+    ``max_tokens`` and ``max_buffer_bytes`` are the fast step's ``aimkp_fast_max_tokens`` (0: the batch's padded
+    size) and per-copy gradient buffer budget (None: no limit)."""
+
+    def __init__(
+        self,
+        model: Any,
+        batch: dict[str, Any],
+        tokenizer: Any,
+        batch_size: int,
+        device: str,
+        bf16: bool,
+        max_tokens: int = 0,
+        max_buffer_bytes: int | None = None,
+    ) -> None:
+        from aimkp_plugin.families import family_for
+        from aimkp_plugin.integration.batches import BatchSplitter
+        from aimkp_plugin.method.fast_step import fast_step_layout
+        from aimkp_plugin.method.types import StepConfig
+
+        self.model, self.batch, self.batch_size, self.device, self.bf16 = model, batch, batch_size, device, bf16
+        self.max_tokens, self.max_buffer_bytes = max_tokens, max_buffer_bytes
+        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(batch_size)))
+        self.config = StepConfig(modalities=["text", "image"], thresholds={"text": 0.1, "image": 0.4})
+        self.tokens = sum(sample.num_answer_tokens for sample in self.samples)
+        family = family_for(model.config.model_type)
+        self.layout = fast_step_layout(model, family)
+        self.reference_mask = family.reference_mask_builder(model)
+        self.mask_dtype = torch.bool
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def state_at(self, stride: int) -> Any:
+        from aimkp_plugin.method.state import CurriculumState, ModalityState
+
+        state = CurriculumState(self.batch_size, stride)
+        for index in range(self.batch_size):  # every sample at the chosen strides, not frozen
+            state.set(index, "text", ModalityState(stride))
+            state.set(index, "image", ModalityState(stride))
+        return state
+
+    def plain(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.model(**self.batch).loss
+        loss.backward()
+
+    def reference(self, stride: int) -> None:
+        from aimkp_plugin.method.step import reference_sample_step
+
+        self.model.zero_grad(set_to_none=True)
+        state = self.state_at(stride)
+        with self.autocast():
+            for sample in self.samples:
+                reference_sample_step(
+                    self.model,
+                    self.parameters,
+                    sample,
+                    state,
+                    self.config,
+                    self.tokens,
+                    self.mask_dtype,
+                    0,
+                    self.reference_mask,
+                )
+
+    def fast(self, stride: int) -> None:
+        from aimkp_plugin.method.fast_step import fast_batch_step
+
+        self.model.zero_grad(set_to_none=True)
+        with self.autocast():
+            fast_batch_step(
+                self.layout,
+                self.samples,
+                self.state_at(stride),
+                self.config,
+                self.tokens,
+                0,
+                self.max_tokens,
+                self.max_buffer_bytes,
+            )
+
+    def steps(self, stride: int) -> dict[str, Callable[[], None]]:
+        """The three steps at ``stride``, each waiting for the device to finish."""
+
+        def synchronised(step: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                step()
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+
+            return run
+
+        return {
+            "plain_sft": synchronised(self.plain),
+            "reference": synchronised(lambda: self.reference(stride)),
+            "fast": synchronised(lambda: self.fast(stride)),
+        }
+
+    def measure_child(self, method_stride: str, runs: int = 2, warmup: int = 0) -> None:
+        """The child of :func:`cpu_child_measure`: run one step ``warmup`` + ``runs`` times, print its resident
+        high-water mark above the start (over all of them), the wall-clock and process CPU seconds of each of the
+        ``runs`` after the warm-up and the 1-minute load average before each as JSON."""
+        method, stride = method_stride.split(":")
+        step = self.steps(int(stride))[method]
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:  # VmHWM := the current resident set
+            clear.write("5")
+        start = resident_kib("VmHWM")
+        for _ in range(warmup):
+            step()
+        seconds, cpu_seconds, load = [], [], []
+        for _ in range(runs):
+            load.append(os.getloadavg()[0])
+            began, began_cpu = time.perf_counter(), time.process_time()
+            step()
+            seconds.append(time.perf_counter() - began)
+            cpu_seconds.append(time.process_time() - began_cpu)
+        peak = (resident_kib("VmHWM") - start) * 1024
+        print(json.dumps({"peak_bytes": peak, "seconds": seconds, "cpu_seconds": cpu_seconds, "load_average": load}))
+
+    def seconds(self, stride: int, repeats: int) -> dict[str, float]:
+        """Median seconds of each step over ``repeats``, after one warm-up each; interleaved, so all see the same
+        machine noise."""
+        steps = self.steps(stride)
+        timings: dict[str, list[float]] = {name: [] for name in steps}
+        for step in steps.values():  # warm-up
+            step()
+        for _ in range(repeats):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                timings[name].append(time.perf_counter() - start)
+        return {name: statistics.median(values) for name, values in timings.items()}
+
+    def peak_memory(self, stride: int, argv: list[str], script: str = __file__) -> dict[str, int]:
+        """Peak bytes of each step above its start: the CUDA allocator's peak, or on the CPU the resident high-water
+        mark of a fresh process (``script`` with ``argv`` rebuilds this model and batch)."""
+        if self.device == "cuda":
+            return {name: cuda_peak_bytes(step) for name, step in self.steps(stride).items()}
+        return {name: cpu_peak_bytes(name, stride, argv, script) for name in self.steps(stride)}
+
+    def result(self, stride: int, seconds: dict[str, float], memory: dict[str, int]) -> dict[str, Any]:
+        """Copy lengths, step seconds, peak memory and their ratios at ``stride``."""
+        from aimkp_plugin.method.fast_step import plan_rows
+
+        rows, _ = plan_rows(self.samples, self.state_at(stride), self.config)
+        return {
+            "row_lengths_fast": {
+                name: [len(row.keep) for row in rows if row.name == name] for name in ("original", "text", "image")
+            },
+            "step_s": {name: round(value, 4) for name, value in seconds.items()},
+            "peak_mem_bytes": memory,
+            "fast_over_reference": round(seconds["fast"] / seconds["reference"], 3),
+            "fast_over_sft": round(seconds["fast"] / seconds["plain_sft"], 3),
+            "reference_over_sft": round(seconds["reference"] / seconds["plain_sft"], 3),
+            "peak_mem_fast_over_reference": round(memory["fast"] / max(memory["reference"], 1), 3),
+            "peak_mem_fast_over_sft": round(memory["fast"] / max(memory["plain_sft"], 1), 3),
+        }
 
 
 def main() -> None:
@@ -129,108 +326,19 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
 
-    from aimkp_plugin.families import family_for
-    from aimkp_plugin.integration.batches import BatchSplitter
-    from aimkp_plugin.method.fast_step import fast_batch_step, fast_step_layout, plan_rows
-    from aimkp_plugin.method.state import CurriculumState, ModalityState
-    from aimkp_plugin.method.step import reference_sample_step
-    from aimkp_plugin.method.types import StepConfig
-
     with tempfile.TemporaryDirectory() as workdir:
         model, batch, tokenizer = build(Path(workdir), options.model, options.batch, options.device, options.bf16)
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(options.batch)))
-    config = StepConfig(modalities=["text", "image"], thresholds={"text": 0.1, "image": 0.4})
-    tokens = sum(sample.num_answer_tokens for sample in samples)
-    family = family_for(model.config.model_type)
-    layout = fast_step_layout(model, family)
-    reference_mask = family.reference_mask_builder(model)
-    autocast = torch.autocast(options.device, dtype=torch.bfloat16, enabled=options.bf16)
-    mask_dtype = torch.bool
-
-    def state_at(stride: int) -> CurriculumState:
-        state = CurriculumState(options.batch, stride)
-        for index in range(options.batch):  # every sample at the chosen strides, not frozen
-            state.set(index, "text", ModalityState(stride))
-            state.set(index, "image", ModalityState(stride))
-        return state
-
-    def plain_step() -> None:
-        model.zero_grad(set_to_none=True)
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-
-    def reference_step(stride: int) -> None:
-        model.zero_grad(set_to_none=True)
-        state = state_at(stride)
-        with autocast:
-            for sample in samples:
-                reference_sample_step(model, parameters, sample, state, config, tokens, mask_dtype, 0, reference_mask)
-
-    def fast_step(stride: int) -> None:
-        model.zero_grad(set_to_none=True)
-        with autocast:
-            fast_batch_step(layout, samples, state_at(stride), config, tokens, 0, options.max_tokens)
-
-    def synchronised(step: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            step()
-            if options.device == "cuda":
-                torch.cuda.synchronize()
-
-        return run
-
+    bench = StepBench(model, batch, tokenizer, options.batch, options.device, options.bf16, options.max_tokens)
     if options.measure_memory:  # the child of cpu_peak_bytes
-        method, stride = options.measure_memory.split(":")
-        step = {
-            "plain_sft": plain_step,
-            "reference": lambda: reference_step(int(stride)),
-            "fast": lambda: fast_step(int(stride)),
-        }[method]
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:  # VmHWM := the current resident set
-            clear.write("5")
-        start = resident_kib("VmHWM")
-        for _ in range(2):
-            step()
-        print(json.dumps({"peak_bytes": (resident_kib("VmHWM") - start) * 1024}))
+        bench.measure_child(options.measure_memory)
         return
     argv = [f"--model={options.model}", f"--batch={options.batch}", f"--device={options.device}"]
     argv += [f"--max-tokens={options.max_tokens}"]
     argv += ["--bf16"] if options.bf16 else []
     results = {}
     for stride in [int(value) for value in options.strides.split(",")]:
-        steps = {
-            "plain_sft": synchronised(plain_step),
-            "reference": synchronised(lambda stride=stride: reference_step(stride)),
-            "fast": synchronised(lambda stride=stride: fast_step(stride)),
-        }
-        timings: dict[str, list[float]] = {name: [] for name in steps}
-        for step in steps.values():  # warm-up
-            step()
-        for _ in range(options.repeats):  # interleaved, so all see the same machine noise
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                timings[name].append(time.perf_counter() - start)
-        seconds = {name: statistics.median(values) for name, values in timings.items()}
-        if options.device == "cuda":
-            memory = {name: cuda_peak_bytes(step) for name, step in steps.items()}
-        else:
-            memory = {name: cpu_peak_bytes(name, stride, argv) for name in steps}
-        rows, _ = plan_rows(samples, state_at(stride), config)
-        results[f"stride_{stride}"] = {
-            "row_lengths_fast": {
-                name: [len(row.keep) for row in rows if row.name == name] for name in ("original", "text", "image")
-            },
-            "step_s": {name: round(value, 4) for name, value in seconds.items()},
-            "peak_mem_bytes": memory,
-            "fast_over_reference": round(seconds["fast"] / seconds["reference"], 3),
-            "fast_over_sft": round(seconds["fast"] / seconds["plain_sft"], 3),
-            "reference_over_sft": round(seconds["reference"] / seconds["plain_sft"], 3),
-            "peak_mem_fast_over_reference": round(memory["fast"] / max(memory["reference"], 1), 3),
-            "peak_mem_fast_over_sft": round(memory["fast"] / max(memory["plain_sft"], 1), 3),
-        }
+        seconds = bench.seconds(stride, options.repeats)
+        results[f"stride_{stride}"] = bench.result(stride, seconds, bench.peak_memory(stride, argv))
     device_name = torch.cuda.get_device_name() if options.device == "cuda" else "cpu"
     report = json.dumps(
         {
@@ -239,11 +347,11 @@ def main() -> None:
             "dtype": "bfloat16" if options.bf16 else "float32",
             "threads": torch.get_num_threads(),
             "batch": options.batch,
-            "sequence_lengths": [int(sample.model_inputs["input_ids"].shape[1]) for sample in samples],
-            "image_tokens_per_sample": [len(sample.spans.image_positions) for sample in samples],
-            "text_tokens_per_sample": [len(sample.spans.text) for sample in samples],
-            "answer_tokens": tokens,
-            "trainable_parameters": sum(parameter.numel() for parameter in parameters),
+            "sequence_lengths": [int(sample.model_inputs["input_ids"].shape[1]) for sample in bench.samples],
+            "image_tokens_per_sample": [len(sample.spans.image_positions) for sample in bench.samples],
+            "text_tokens_per_sample": [len(sample.spans.text) for sample in bench.samples],
+            "answer_tokens": bench.tokens,
+            "trainable_parameters": sum(parameter.numel() for parameter in bench.parameters),
             "repeats": options.repeats,
             **results,
             "python": sys.version.split()[0],
