@@ -109,23 +109,10 @@ def build_wide_model(spec: WideSpec, out: Path) -> Path:
                 return out
         except (OSError, ValueError):
             pass
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from aimkp_plugin.models.building import (
-        CLIP_MEAN,
-        CLIP_STD,
-        LLAVA_CHAT_TEMPLATE,
-        TinyModelSpec,
-        llava_tokenizer,
-        save_tiny,
-    )
+    from aimkp_plugin.families.llava import save_llava
+    from aimkp_plugin.models.building import TinyModelSpec, llava_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
@@ -165,24 +152,7 @@ def build_wide_model(spec: WideSpec, out: Path) -> Path:
     )
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config).to(getattr(torch, spec.dtype))
-    model.generation_config.pad_token_id = vocab["<pad>"]
-    model.generation_config.eos_token_id = vocab["</s>"]
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
-        do_center_crop=True,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    save_tiny(out, model, processor, tokenizer, LLAVA_CHAT_TEMPLATE)
+    save_llava(out, model, tokenizer, spec.image_size, spec.patch_size)
     marker.write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": asdict(spec)}, indent=2) + "\n")
     return out
 

@@ -52,7 +52,7 @@ class LlavaFamily(ModelFamily):
         return [TokenGrid(side, side, tuple(range(token_count)))]
 
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
-        from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
 
         tokenizer = llava_tokenizer(spec)
         vocab = tokenizer.get_vocab()
@@ -65,22 +65,30 @@ class LlavaFamily(ModelFamily):
             vision_feature_select_strategy="default",
             vision_feature_layer=-2,
         )
-        model = LlavaForConditionalGeneration(config)
-        model.generation_config.pad_token_id = vocab["<pad>"]
-        model.generation_config.eos_token_id = vocab["</s>"]
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": spec.image_size},
-            crop_size={"height": spec.image_size, "width": spec.image_size},
-            do_center_crop=True,
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=spec.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_CHAT_TEMPLATE,
-        )
-        save_tiny(out, model, processor, tokenizer, LLAVA_CHAT_TEMPLATE)
+        save_llava(out, LlavaForConditionalGeneration(config), tokenizer, spec.image_size, spec.patch_size)
+
+
+def save_llava(out: Path, model: Any, tokenizer: Any, image_size: int, patch_size: int) -> None:
+    """Save a LLaVA-1.5 model with its CLIP image processor (square, centre-cropped, CLIP's mean and std), the
+    processor and the chat template, as LLaMA-Factory loads a LLaVA checkpoint."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    vocab = tokenizer.get_vocab()
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.generation_config.eos_token_id = vocab["</s>"]
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    save_tiny(out, model, processor, tokenizer, LLAVA_CHAT_TEMPLATE)
