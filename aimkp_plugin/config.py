@@ -337,6 +337,7 @@ def check_deepspeed_config(value: Any, aimkp: bool, projector_lr: bool) -> None:
     name = "the inline deepspeed JSON" if isinstance(value, dict) or str(value).strip().startswith("{") else value
     zero = config.get("zero_optimization") or {}
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    stage = int(stage) if str(stage).strip().isdigit() else stage
     if aimkp and stage not in DEEPSPEED_STAGES:
         raise AimkpConfigError(
             f"aimkp: true supports DeepSpeed ZeRO stages 0, 1 and 2, but {name} sets zero_optimization.stage: "
@@ -349,6 +350,16 @@ def check_deepspeed_config(value: Any, aimkp: bool, projector_lr: bool) -> None:
         raise AimkpConfigError(
             f"aimkp: true cannot use offload_param ({name}): it moves the parameters off the device between the "
             "engine's passes (a ZeRO-3 feature). Remove zero_optimization.offload_param; offload_optimizer works."
+        )
+    types = config.get("data_types") or {}
+    accumulation = str(types.get("grad_accum_dtype", "")).lower() if isinstance(types, dict) else ""
+    optimizer_offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    cpu_offload = isinstance(optimizer_offload, dict) and optimizer_offload.get("device") == "cpu"
+    if aimkp and stage == 1 and accumulation in ("fp32", "float32", "float") and not cpu_offload:
+        raise AimkpConfigError(
+            f"aimkp: true cannot use ZeRO-1 with data_types.grad_accum_dtype: fp32 ({name}): with bf16 DeepSpeed then "
+            "trains with its BF16_Optimizer, which collects gradients only from the engine's own forward passes. "
+            "Use ZeRO-2, or remove data_types.grad_accum_dtype."
         )
     fp16 = config.get("fp16") or {}
     if aimkp and isinstance(fp16, dict) and fp16.get("enabled") is True:

@@ -129,6 +129,11 @@ def test_boolean_rejects_other_values() -> None:
         ({"deepspeed": '{"zero_optimization": {"stage": 3}}'}, "ZeRO stages 0, 1 and 2, but the inline .*stage: 3"),
         ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}}, "offload_param"),
         ({"deepspeed": {"fp16": {"enabled": True}}}, "not tested with fp16"),
+        ({"deepspeed": {"zero_optimization": {"stage": "3"}}}, "stage: 3. ZeRO-3 partitions"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}},
+            "ZeRO-1 with data_types.grad_accum_dtype: fp32",
+        ),
         ({"deepspeed": "missing_ds.json"}, "deepspeed: missing_ds.json: cannot read the DeepSpeed config"),
         ({"deepspeed": '{"zero_optimization": '}, "the inline deepspeed JSON: not valid JSON"),
         ({"fsdp": "full_shard"}, "does not support fsdp yet"),

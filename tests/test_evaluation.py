@@ -279,3 +279,28 @@ def test_select_best_epoch_by_keyphrase_metrics(tiny_models: dict, cmkp_workspac
             assert entry[key] == pytest.approx(value, abs=1e-9), key
         total = scored["f1@1"] + scored["f1@3"] + scored["map@5"]
         assert entry["eval_aimkp_score"] == pytest.approx(total, abs=1e-9)
+    # the evaluation after training (of the best checkpoint, loaded at the end) keeps the epochs' files as they were
+    assert (out / "aimkp_eval" / f"eval_final_step{evaluations[-1]['step']}.jsonl").is_file()
+
+
+def test_keyphrase_metric_for_best_model_needs_keyphrase_evaluation(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """Without generation, eval_aimkp_score is never reported: the run stops before the model loads."""
+    from .conftest import run_llamafactory, tiny_train_config
+
+    config = tiny_train_config(
+        tiny_models["llava"],
+        "llava",
+        cmkp_workspace,
+        tmp_path / "run",
+        eval_dataset="raw_test",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        metric_for_best_model="eval_aimkp_score",
+        load_best_model_at_end=True,
+    )
+    result = run_llamafactory(config, tmp_path)
+    assert result.returncode != 0
+    assert "metric_for_best_model: eval_aimkp_score is reported only by a generating evaluation" in result.stdout
+    assert "trainable params" not in result.stdout

@@ -132,6 +132,25 @@ def test_gemma3_with_a_template_that_drops_its_image_blocks_is_rejected_before_l
     assert "Set template: gemma3." in result.stdout and "Loading dataset" not in result.stdout
 
 
+def test_qwen2vl_training_with_generation_is_rejected_before_loading(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    """LLaMA-Factory builds the training collator without the model under predict_with_generate: no m-rope."""
+    config = tiny_train_config(
+        tiny_models["qwen2vl"],
+        "qwen2_vl",
+        cmkp_workspace,
+        tmp_path / "out",
+        aimkp=True,
+        eval_dataset="raw_test",
+        predict_with_generate=True,
+    )
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert "aimkp: true with a qwen2_vl model: predict_with_generate: true in a training run" in result.stdout
+    assert "Loading dataset" not in result.stdout
+
+
 def projector_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The projector's tensors of a saved adapter, or of a model's own weights, by their name after the projector."""
     from safetensors.torch import load_file

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,21 @@ class QwenVLFamily(ModelFamily):
             return None
         output = model.model.get_image_features(pixel_values=stacked[0], image_grid_thw=stacked[1])
         return ImageFeatures(torch.cat(list(output.pooler_output)))
+
+    def run_problems(self, model_config: dict[str, Any], setting: Callable[[str], Any]) -> list[str]:
+        """Generation during training: LLaMA-Factory 0.9.5 then builds the training collator without the model, so
+        training batches carry no m-rope position_ids, which the AimKP step needs."""
+
+        def on(name: str) -> bool:
+            return str(setting(name)).strip().lower() in ("true", "1", "yes")
+
+        if on("do_train") and on("predict_with_generate"):
+            return [
+                "predict_with_generate: true in a training run makes LLaMA-Factory build the training collator "
+                "without the model, so the batches carry no m-rope positions. Train without predict_with_generate "
+                "(evaluate by loss, or score checkpoints afterwards with recipes/predict_*.yaml)."
+            ]
+        return []
 
     def position_ids(self, sample: SampleInputs) -> torch.Tensor:
         positions = sample.model_inputs.get("position_ids")

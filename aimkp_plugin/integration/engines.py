@@ -67,36 +67,50 @@ def deepspeed_multiplier(engine: Any) -> float:
     return world / float(getattr(engine, "sequence_parallel_size", 1) or 1)
 
 
-REGISTER_HOOKS = ("create_gradient_handling_hooks", "create_grad_acc_hooks")  # ZeRO-1/2, then BF16_Optimizer
+HOOKED_OPTIMIZERS = ("DeepSpeedZeroOptimizer",)  # ZeRO-1/2: per-parameter hooks in _grad_acc_hooks
+
+
+def check_engine_optimizer(engine: Any) -> None:
+    """Stop before the first step when DeepSpeed picked an optimizer wrapper the hand-off is not exact with.
+
+    ``BF16_Optimizer`` (ZeRO-1 with bf16 weights and ``data_types.grad_accum_dtype: fp32``) clears and collects
+    gradients only around the engine's own forward passes, which the AimKP step does not use.
+    """
+    if type(getattr(engine, "optimizer", None)).__name__ == "BF16_Optimizer":
+        raise RuntimeError(
+            "aimkp-plugin: DeepSpeed picked BF16_Optimizer (ZeRO-1 with bf16 and data_types.grad_accum_dtype: fp32), "
+            "which collects gradients only from the engine's own forward passes. Use ZeRO-2, or remove "
+            "data_types.grad_accum_dtype from the DeepSpeed config."
+        )
 
 
 @contextlib.contextmanager
 def suspended_zero_hooks(engine: Any) -> Iterator[None]:
-    """No DeepSpeed gradient hook runs inside, whatever backward runs on the engine's parameters.
+    """No DeepSpeed ZeRO gradient hook runs inside, whatever backward runs on the engine's parameters.
 
-    Replaces nothing in DeepSpeed: it removes the optimizer's per-parameter hooks (the
-    ``register_post_accumulate_grad_hook`` handles kept in ``_grad_acc_hooks`` by ``DeepSpeedZeroOptimizer``, ZeRO-1/2,
-    and by ``BF16_Optimizer``, ZeRO-0 with bf16) for the AimKP step's own backward passes, and registers them again
-    afterwards with the optimizer's own method (``create_gradient_handling_hooks`` / ``create_grad_acc_hooks``).
-    Why: those hooks move every accumulated gradient into the engine's buffers and reduce it across ranks (stage 2, or
-    ``overlap_comm``); a backward the engine did not start would be reduced too, asserted as "already reduced", or
-    leave the ranks' collectives out of step. Tested on deepspeed 0.19.8 (stages 0, 1 and 2; CPU with gloo). It can go
-    when DeepSpeed offers a public way to run a backward pass outside the engine. Optimizers without hooks (ZeRO-0 in
-    float32, ZeRO-1 without ``contiguous_gradients`` and ``overlap_comm``) need nothing.
+    Replaces nothing in DeepSpeed: it removes the ZeRO-1/2 optimizer's per-parameter hooks (the
+    ``register_post_accumulate_grad_hook`` handles that ``DeepSpeedZeroOptimizer`` keeps in ``_grad_acc_hooks``) for
+    the AimKP step's own backward passes, and registers them again afterwards with its own
+    ``create_gradient_handling_hooks()``. Why: those hooks move every accumulated gradient into the engine's buffers
+    and reduce it across ranks (stage 2, or ``overlap_comm``); a backward the engine did not start would be reduced
+    too, asserted as "already reduced", or leave the ranks' collectives out of step. Tested on deepspeed 0.19.8
+    (stages 0, 1 and 2; CPU with gloo). It can go when DeepSpeed offers a public way to run a backward pass outside
+    the engine. ZeRO-0's optimizers keep gradients in ``.grad`` without hooks and need nothing.
     """
     optimizer = getattr(engine, "optimizer", None)
-    handles = getattr(optimizer, "_grad_acc_hooks", None)
-    if not handles:
+    if type(optimizer).__name__ not in HOOKED_OPTIMIZERS:
         yield
         return
-    register = next(
-        (getattr(optimizer, name) for name in REGISTER_HOOKS if callable(getattr(optimizer, name, None))), None
-    )
-    if register is None:
+    handles = getattr(optimizer, "_grad_acc_hooks", None)
+    register = getattr(optimizer, "create_gradient_handling_hooks", None)
+    if handles is None or not callable(register):
         raise RuntimeError(
-            f"aimkp-plugin: cannot pause the gradient hooks of {type(optimizer).__name__} (no "
-            f"{' or '.join(REGISTER_HOOKS)} in this DeepSpeed version); the tested version is in constraints.txt."
+            "aimkp-plugin: this DeepSpeed version keeps its ZeRO gradient hooks in a way the AimKP hand-off does not "
+            "know (no _grad_acc_hooks / create_gradient_handling_hooks); use the version in constraints.txt."
         )
+    if not handles:  # ZeRO-1 without contiguous_gradients and overlap_comm registers none
+        yield
+        return
     for handle in handles:
         handle.remove()
     handles.clear()

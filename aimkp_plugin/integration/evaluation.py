@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import AimkpConfigError
 from ..evaluation.metrics import score, split_prediction
 from ..evaluation.predictions import split_gold
 from ..method.types import IGNORE_INDEX
@@ -75,8 +76,18 @@ def evaluates_cmkp(value_of: Callable[[str], Any]) -> bool:
 
 
 def set_keyphrase_evaluation(value_of: Callable[[str], Any]) -> None:
+    """Decide for this run; a ``metric_for_best_model`` naming a keyphrase metric needs that evaluation, so a run
+    without it stops here, before the model loads, instead of after its first evaluation."""
     global _keyphrase_evaluation
     _keyphrase_evaluation = evaluates_cmkp(value_of)
+    metric = str(value_of("metric_for_best_model") or "")
+    if metric.removeprefix("eval_").split("_")[0] == "aimkp" or "_aimkp_" in metric:
+        if not _keyphrase_evaluation:
+            raise AimkpConfigError(
+                f"metric_for_best_model: {metric} is reported only by a generating evaluation of cmkp data: set "
+                "predict_with_generate: true and an eval_dataset (or val_size) whose dataset_info.json entries have "
+                f'"formatting": "cmkp" (dataset_dir: {value_of("dataset_dir") or "data"}).'
+            )
 
 
 def decode_texts(tokenizer: Any, token_ids: np.ndarray) -> list[str]:

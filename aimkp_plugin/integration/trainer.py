@@ -38,7 +38,7 @@ from . import patching
 from .args import active_arguments
 from .batches import BatchSplitter
 from .callback import AimkpCallback, distributed
-from .engines import deepspeed_multiplier, is_deepspeed, surrogate_loss, suspended_zero_hooks
+from .engines import check_engine_optimizer, deepspeed_multiplier, is_deepspeed, surrogate_loss, suspended_zero_hooks
 from .evaluation import PREDICTIONS_FOLDER, KeyphraseMetrics, keyphrase_evaluation
 
 
@@ -226,6 +226,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         if deepspeed:  # the engine's own gradients stay apart while the step writes this micro-batch's g
             for parameter in parameters:
                 parameter.grad = None
+            check_engine_optimizer(model)
             sync = suspended_zero_hooks(model)
         else:
             sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
@@ -290,7 +291,8 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         """Where an evaluation writes its predictions (the main process only; not for ``predict``)."""
         if self.aimkp_eval_prefix is None or not self.is_world_process_zero():
             return None
-        name = f"{self.aimkp_eval_prefix}_step{self.state.global_step}.jsonl"
+        when = f"step{self.state.global_step}" if self.is_in_train else f"final_step{self.state.global_step}"
+        name = f"{self.aimkp_eval_prefix}_{when}.jsonl"
         return Path(self.args.output_dir) / PREDICTIONS_FOLDER / name
 
     def _aimkp_hand_to_deepspeed(self, engine: Any, parameters: list[torch.Tensor], held: list[Any]) -> None:
