@@ -18,12 +18,11 @@ from ..method.types import TokenGrid
 from ..models.building import (
     CLIP_MEAN,
     CLIP_STD,
-    LLAVA_CHAT_TEMPLATE,
     TinyModelSpec,
     clip_vision_config,
     llama_text_config,
     llava_tokenizer,
-    save_tiny,
+    save_llava_style,
 )
 from .base import FamilyDescription, ImageLayoutError, ModelFamily
 
@@ -73,9 +72,6 @@ def save_llava(out: Path, model: Any, tokenizer: Any, image_size: int, patch_siz
     processor and the chat template, as LLaMA-Factory loads a LLaVA checkpoint."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    vocab = tokenizer.get_vocab()
-    model.generation_config.pad_token_id = vocab["<pad>"]
-    model.generation_config.eos_token_id = vocab["</s>"]
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -83,12 +79,4 @@ def save_llava(out: Path, model: Any, tokenizer: Any, image_size: int, patch_siz
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    save_tiny(out, model, processor, tokenizer, LLAVA_CHAT_TEMPLATE)
+    save_llava_style(out, model, tokenizer, image_processor, LlavaProcessor, patch_size)

@@ -25,12 +25,11 @@ from ..method.types import TokenGrid
 from ..models.building import (
     CLIP_MEAN,
     CLIP_STD,
-    LLAVA_CHAT_TEMPLATE,
     TinyModelSpec,
     clip_vision_config,
     llama_text_config,
     llava_tokenizer,
-    save_tiny,
+    save_llava_style,
 )
 from .base import FamilyDescription, ImageLayoutError, ModelFamily
 
@@ -146,8 +145,6 @@ class LlavaNextFamily(ModelFamily):
             tie_word_embeddings=False,
         )
         model = LlavaNextForConditionalGeneration(config)
-        model.generation_config.pad_token_id = vocab["<pad>"]
-        model.generation_config.eos_token_id = vocab["</s>"]
         image_processor = LlavaNextImageProcessor(
             size={"shortest_edge": tile},
             crop_size={"height": tile, "width": tile},
@@ -157,13 +154,6 @@ class LlavaNextFamily(ModelFamily):
             image_mean=CLIP_MEAN,
             image_std=CLIP_STD,
         )
-        processor = LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=spec.patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,  # CLIP's CLS; LLaMA-Factory's plugin subtracts it again for "default"
-            chat_template=LLAVA_CHAT_TEMPLATE,
-            image_token="<image>",
+        save_llava_style(
+            out, model, tokenizer, image_processor, LlavaNextProcessor, spec.patch_size, image_token="<image>"
         )
-        save_tiny(out, model, processor, tokenizer, LLAVA_CHAT_TEMPLATE)

@@ -164,3 +164,23 @@ def save_tiny(out: Path, model: Any, processor: Any, tokenizer: Any, chat_templa
     model.save_pretrained(out)
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def save_llava_style(
+    out: Path, model: Any, tokenizer: Any, image_processor: Any, processor_class: type, patch_size: int, **extra: Any
+) -> None:
+    """Save a LLaVA-style checkpoint (LLaVA-1.5, LLaVA-NeXT): ``<pad>`` and ``</s>`` for generation, the processor
+    with CLIP's extra CLS token and the default feature selection, and the LLaVA chat template."""
+    vocab = tokenizer.get_vocab()
+    model.generation_config.pad_token_id = vocab["<pad>"]
+    model.generation_config.eos_token_id = vocab["</s>"]
+    processor = processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS; LLaMA-Factory's plugin subtracts it again for "default"
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        **extra,
+    )
+    save_tiny(out, model, processor, tokenizer, LLAVA_CHAT_TEMPLATE)
