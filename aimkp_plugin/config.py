@@ -169,6 +169,11 @@ def is_aimkp_key(key: object) -> bool:
     return isinstance(key, str) and (key == KEY_PREFIX or key.startswith(KEY_PREFIX + "_"))
 
 
+def is_true(value: Any) -> bool:
+    """Whether a YAML or command-line flag is on: ``True``, or one of ``TRUE_STRINGS`` in any case."""
+    return str(value).strip().lower() in TRUE_STRINGS
+
+
 def _to_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -455,4 +460,4 @@ def check_model_has_image_input(model_name_or_path: str, model_config: dict[str,
 
 def plugin_disabled() -> bool:
     """``AIMKP_PLUGIN_DISABLE=1`` (or true/yes/on) turns the plugin off."""
-    return os.environ.get("AIMKP_PLUGIN_DISABLE", "").strip().lower() in TRUE_STRINGS
+    return is_true(os.environ.get("AIMKP_PLUGIN_DISABLE", ""))

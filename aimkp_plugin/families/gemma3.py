@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import is_true
 from ..method.fast_step import ImageFeatures
 from ..method.masking import as_attention_mask, hide_positions
 from ..method.types import SampleInputs, TokenGrid
@@ -131,7 +132,7 @@ class Gemma3Family(ModelFamily):
                 f"template: {template} does not mark Gemma 3's image tokens (token_type_ids), so its image blocks "
                 "would not be bidirectional as the model was trained. Set template: gemma3."
             )
-        if str(setting("image_do_pan_and_scan")).strip().lower() in ("true", "1", "yes", "on"):
+        if is_true(setting("image_do_pan_and_scan")):
             problems.append(
                 "image_do_pan_and_scan: true adds crops that LLaMA-Factory 0.9.5 cannot lay out for Gemma 3. Set "
                 "image_do_pan_and_scan: false."

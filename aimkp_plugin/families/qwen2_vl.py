@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import is_true
 from ..method.fast_step import ImageFeatures
 from ..method.types import SampleInputs, TokenGrid
 from ..models.building import QWEN_CHAT_TEMPLATE, TinyModelSpec, qwen_tokenizer, save_tiny
@@ -67,11 +68,7 @@ class QwenVLFamily(ModelFamily):
     def run_problems(self, model_config: dict[str, Any], setting: Callable[[str], Any]) -> list[str]:
         """Generation during training: LLaMA-Factory 0.9.5 then builds the training collator without the model, so
         training batches carry no m-rope position_ids, which the AimKP step needs."""
-
-        def on(name: str) -> bool:
-            return str(setting(name)).strip().lower() in ("true", "1", "yes")
-
-        if on("do_train") and on("predict_with_generate"):
+        if is_true(setting("do_train")) and is_true(setting("predict_with_generate")):
             return [
                 "predict_with_generate: true in a training run makes LLaMA-Factory build the training collator "
                 "without the model, so the batches carry no m-rope positions. Train without predict_with_generate "

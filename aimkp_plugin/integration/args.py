@@ -13,13 +13,13 @@ from typing import Any
 
 from ..config import (
     SETUP_KEYS,
-    TRUE_STRINGS,
     AimkpArguments,
     AimkpConfigError,
     argv_value,
     check_model_has_image_input,
     check_projector_lr_config,
     check_training_config,
+    is_true,
     parse_aimkp_arguments,
     split_aimkp_argv,
     split_aimkp_keys,
@@ -109,7 +109,7 @@ def _patch_hparams_parser_refuse_aimkp(module: ModuleType) -> None:
     def read_args(original: Any, args: Any = None) -> Any:
         config = original(args)
         ours, _ = split_aimkp_keys(config) if isinstance(config, dict) else split_aimkp_argv(list(config))
-        if str(ours.get("aimkp", False)).strip().lower() in TRUE_STRINGS:
+        if is_true(ours.get("aimkp", False)):
             patching.require_active()
         return config
 
@@ -136,7 +136,7 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
     model = _config_value(config, "model_name_or_path")
     if model is None:
         raise AimkpConfigError("aimkp: true needs model_name_or_path.")
-    trust = str(_config_value(config, "trust_remote_code")).strip().lower() in TRUE_STRINGS
+    trust = is_true(_config_value(config, "trust_remote_code"))
     model_config = load_model_config(str(model), trust)
     from ..families import family_for  # torch and the family modules: only once a run asks for AimKP
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import AimkpConfigError
+from ..config import AimkpConfigError, is_true
 from ..evaluation.metrics import score, split_prediction
 from ..evaluation.predictions import split_gold
 from ..method.types import IGNORE_INDEX
@@ -59,7 +59,7 @@ def evaluates_cmkp(value_of: Callable[[str], Any]) -> bool:
     """True when ``predict_with_generate`` is on and every evaluation dataset is a ``cmkp`` entry of the run's
     ``dataset_info.json``: the ``eval_dataset`` names, or, without them, the training datasets that ``val_size``
     splits."""
-    if str(value_of("predict_with_generate")).strip().lower() not in ("true", "1", "yes"):
+    if not is_true(value_of("predict_with_generate")):
         return False
     names = _names(value_of("eval_dataset"))
     if not names and float(value_of("val_size") or 0) > 0:
