@@ -124,8 +124,8 @@ def resident_kib(field: str) -> int:
 def cpu_child_measure(method: str, stride: int, argv: list[str], script: str = __file__) -> dict[str, Any]:
     """What a fresh process (``script`` with ``argv``) measures running one ``method`` step alone
     (:meth:`StepBench.measure_child`): ``peak_bytes``, its resident high-water mark above its resident set after
-    building the model, the wall-clock ``seconds`` and process ``cpu_seconds`` of each run and the ``load_average``
-    before each (a fork would share OpenMP state with this process, which can hang)."""
+    building the model (``start_bytes``), the wall-clock ``seconds`` and process ``cpu_seconds`` of each run and the
+    ``load_average`` before each (a fork would share OpenMP state with this process, which can hang)."""
     command = [sys.executable, script, *argv, "--measure-memory", f"{method}:{stride}"]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -137,13 +137,19 @@ def cpu_peak_bytes(method: str, stride: int, argv: list[str], script: str = __fi
     return int(cpu_child_measure(method, stride, argv, script)["peak_bytes"])
 
 
-def cuda_peak_bytes(step: Callable[[], None]) -> int:
+def cuda_peaks(step: Callable[[], None]) -> tuple[int, int]:
+    """The CUDA allocator's peak while ``step`` runs: above what was allocated at its start, and in all."""
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - baseline
+    peak = torch.cuda.max_memory_allocated()
+    return peak - baseline, peak
+
+
+def cuda_peak_bytes(step: Callable[[], None]) -> int:
+    return cuda_peaks(step)[0]
 
 
 class StepBench:
@@ -252,8 +258,8 @@ class StepBench:
 
     def measure_child(self, method_stride: str, runs: int = 2, warmup: int = 0) -> None:
         """The child of :func:`cpu_child_measure`: run one step ``warmup`` + ``runs`` times, print its resident
-        high-water mark above the start (over all of them), the wall-clock and process CPU seconds of each of the
-        ``runs`` after the warm-up and the 1-minute load average before each as JSON."""
+        high-water mark above the start (over all of them), the resident set at the start, the wall-clock and process
+        CPU seconds of each of the ``runs`` after the warm-up and the 1-minute load average before each as JSON."""
         method, stride = method_stride.split(":")
         step = self.steps(int(stride))[method]
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as clear:  # VmHWM := the current resident set
@@ -269,7 +275,17 @@ class StepBench:
             seconds.append(time.perf_counter() - began)
             cpu_seconds.append(time.process_time() - began_cpu)
         peak = (resident_kib("VmHWM") - start) * 1024
-        print(json.dumps({"peak_bytes": peak, "seconds": seconds, "cpu_seconds": cpu_seconds, "load_average": load}))
+        print(
+            json.dumps(
+                {
+                    "peak_bytes": peak,
+                    "start_bytes": start * 1024,
+                    "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
+                    "load_average": load,
+                }
+            )
+        )
 
     def seconds(self, stride: int, repeats: int) -> dict[str, float]:
         """Median seconds of each step over ``repeats``, after one warm-up each; interleaved, so all see the same

@@ -59,7 +59,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import StepBench, collate, cpu_child_measure, lora_model  # noqa: E402
+from step_cost import StepBench, collate, cpu_child_measure, cuda_peaks, lora_model  # noqa: E402
 
 
 BUILDER_VERSION = 1  # bump when build_wide_model changes what it writes
@@ -189,6 +189,16 @@ def buffer_sizes(bench: StepBench, stride: int) -> dict[str, Any]:
     }
 
 
+def memory_ratios(peaks: dict[str, int], kind: str) -> dict[str, float]:
+    """``peak_mem_<kind>fast_over_sft`` and the reference's ratios of the steps' peaks."""
+    ratio = lambda a, b: round(peaks[a] / max(peaks[b], 1), 3)  # noqa: E731
+    return {
+        f"peak_mem_{kind}fast_over_sft": ratio("fast", "plain_sft"),
+        f"peak_mem_{kind}reference_over_sft": ratio("reference", "plain_sft"),
+        f"peak_mem_{kind}fast_over_reference": ratio("fast", "reference"),
+    }
+
+
 def measure(bench: StepBench, options: argparse.Namespace, repeats: int, batch_size: int) -> tuple[dict, dict, dict]:
     """Median seconds and peak bytes of each step at ``batch_size``, and what else the CPU tells. CUDA: timed here,
     interleaved after one warm-up each, then the allocator's peaks. CPU: each step runs once untimed and ``repeats``
@@ -196,7 +206,11 @@ def measure(bench: StepBench, options: argparse.Namespace, repeats: int, batch_s
     also gives the process's CPU seconds (barely moved by other work on the machine, unlike the wall clock) and the
     load average."""
     if options.device == "cuda":
-        return bench.seconds(options.stride, repeats), bench.peak_memory(options.stride, []), {}
+        seconds = bench.seconds(options.stride, repeats)  # warms up first
+        peaks = {name: cuda_peaks(step) for name, step in bench.steps(options.stride).items()}
+        above = {name: above for name, (above, _) in peaks.items()}
+        total = {name: total for name, (_, total) in peaks.items()}
+        return seconds, above, {"peak_mem_total_bytes": total}
     argv = [
         f"--layers={options.layers}",
         f"--vision-layers={options.vision_layers}",
@@ -209,15 +223,17 @@ def measure(bench: StepBench, options: argparse.Namespace, repeats: int, batch_s
         f"--dtype={options.dtype}",
         "--device=cpu",
     ]
-    seconds, memory, cpu_seconds, load = {}, {}, {}, {}
+    seconds, memory, total, cpu_seconds, load = {}, {}, {}, {}, {}
     for method in bench.steps(options.stride):
         child = cpu_child_measure(method, options.stride, argv, __file__)
         seconds[method] = statistics.median(child["seconds"])
         memory[method] = int(child["peak_bytes"])
+        total[method] = int(child["peak_bytes"]) + int(child["start_bytes"])
         cpu_seconds[method] = round(statistics.median(child["cpu_seconds"]), 2)
         load[method] = round(max(child["load_average"]), 2)
         print(f"batch {batch_size} {method}: {seconds[method]:.1f} s", file=sys.stderr, flush=True)
     extra = {
+        "peak_mem_total_bytes": total,
         "step_cpu_s": cpu_seconds,
         "cpu_time_ratios": {
             "fast_over_reference": round(cpu_seconds["fast"] / cpu_seconds["reference"], 3),
@@ -281,19 +297,20 @@ def main() -> None:
         bench = bench_at(batch_size)
         seconds, memory, extra = measure(bench, options, repeats, batch_size)
         result = bench.result(options.stride, seconds, memory)
+        total = extra.pop("peak_mem_total_bytes")
         entries.append(
             {
                 "batch": batch_size,
                 "fast_over_reference": result["fast_over_reference"],
                 "fast_over_sft": result["fast_over_sft"],
                 "reference_over_sft": result["reference_over_sft"],
-                "peak_mem_fast_over_sft": result["peak_mem_fast_over_sft"],
-                "peak_mem_reference_over_sft": round(memory["reference"] / max(memory["plain_sft"], 1), 3),
-                "peak_mem_fast_over_reference": result["peak_mem_fast_over_reference"],
+                **memory_ratios(total, ""),
+                **memory_ratios(memory, "above_start_"),
                 **buffer_sizes(bench, options.stride),
                 "step_s": result["step_s"],
                 **extra,
-                "peak_mem_bytes": memory,
+                "peak_mem_bytes": total,
+                "peak_mem_above_start_bytes": memory,
                 "sequence_lengths": [int(sample.model_inputs["input_ids"].shape[1]) for sample in bench.samples],
                 "image_tokens": sum(len(sample.spans.image_positions) for sample in bench.samples),
                 "text_tokens": sum(len(sample.spans.text) for sample in bench.samples),
@@ -361,10 +378,17 @@ def main() -> None:
             "repeats": repeats,
             "timing": timing,
             "memory": (
-                "the CUDA allocator's peak above the step's start"
+                "peak_mem_bytes and the peak_mem_*_over_* ratios: the step's peak in all, the CUDA allocator's peak "
+                "(the loaded model, the trained parameters and their gradients, and the step's own memory)"
                 if options.device == "cuda"
-                else "the resident high-water mark of the step's own process above its resident set after loading"
-            ),
+                else "peak_mem_bytes and the peak_mem_*_over_* ratios: the step's peak in all, the resident "
+                "high-water mark of the step's own process (the runtime, the loaded model, the trained parameters and "
+                "their gradients, and the step's own memory)"
+            )
+            + "; peak_mem_above_start_bytes and the peak_mem_above_start_* ratios: that peak less what was there at "
+            "the step's start (the loaded model and the trained parameters with the previous step's gradients, which "
+            "the step sets to None first); an optimizer's states (AdamW: 8 bytes per trained parameter) are not held "
+            "and would add the same to every step",
             "buffer_budget_bytes": buffer_budget,
             "buffer_note": (
                 "buffer_bytes: trainable parameters × 4 bytes × rows of the micro-batch (3 rows per sample: the "

@@ -164,6 +164,33 @@ def test_one_row_per_forward_gives_the_same_result(case) -> None:
         torch.testing.assert_close(first, second, rtol=1e-9, atol=1e-13)
 
 
+def test_rows_are_split_into_the_passes_that_pad_least() -> None:
+    """The pass plan: every row once, in order; no pass over the cap unless it is one row; a sample's three rows in
+    one pass at batch 1 (the default cap); short image copies apart from the originals when that pads less."""
+    from aimkp_plugin.method.fast_step import Row, default_max_tokens, group_rows
+
+    def rows(lengths: list[int]) -> list[Row]:
+        return [Row(index // 3, "copy", 2, torch.arange(length)) for index, length in enumerate(lengths)]
+
+    def split(lengths: list[int], cap: int) -> list[list[int]]:
+        passes = group_rows(rows(lengths), cap)
+        assert [index for part in passes for index in range(part.start, part.stop)] == list(range(len(lengths)))
+        for part in passes:
+            assert part.stop - part.start == 1 or (part.stop - part.start) * lengths[part.start] <= cap
+        return [lengths[part] for part in passes]
+
+    one_sample = [737, 710, 305]
+    cap = default_max_tokens([None], rows(one_sample))  # type: ignore[list-item]
+    assert cap == 3 * 737 and split(one_sample, cap) == [[737, 710, 305]]
+    assert default_max_tokens([None] * 8, rows(one_sample)) == 8 * 737  # type: ignore[list-item]
+    assert split(one_sample, 737) == [[737], [710], [305]]
+    two_samples = [737, 731, 710, 704, 305, 299]
+    assert split(two_samples, 8 * 737) == [[737, 731, 710, 704], [305, 299]]
+    assert split(two_samples, 2 * 737) == [[737, 731], [710, 704], [305, 299]]
+    assert split(two_samples, 1) == [[length] for length in two_samples]
+    assert group_rows([], 100) == []
+
+
 def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> None:
     """``max_buffer_bytes`` small enough for one sample's copies: the micro-batch is trained in 4 groups, each group's
     share added to ``.grad`` before the next; cosines, decisions, states and ``.grad`` are those of one group."""

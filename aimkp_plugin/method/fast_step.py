@@ -8,9 +8,10 @@ What changes against the reference, and why each change keeps the result exact:
 - **Masked tokens are dropped, not hidden.** A hidden token influences no other token, so removing it from the
   sequence changes nothing for the kept ones, as long as every kept token keeps its original position id (also
   Qwen2-VL's 3-D rope positions, whose columns are gathered). At stride 2 a 24×24 image keeps 144 of 576 tokens.
-- **Variants of the micro-batch run together**, as rows of padded forward passes (rows sorted by length and grouped,
-  at most ``max_tokens_per_forward`` padded tokens per pass; by default as many as the micro-batch's own padded
-  batch, so a pass is never larger than the plain SFT forward of the same micro-batch).
+- **Variants of the micro-batch run together**, as rows of padded forward passes (rows sorted by length and split
+  into the passes that pad least, at most ``max_tokens_per_forward`` padded tokens per pass; by default as many as
+  the micro-batch's own padded batch, so a pass is never larger than the plain SFT forward of the same micro-batch,
+  but at least one sample's original and copies, see :func:`default_max_tokens`).
 - **Per-variant gradients come from one backward per pass**, not one per variant:
   :class:`~aimkp_plugin.method.row_gradients.RowGradients` keeps each row's gradient apart (Linear-layer hooks in
   the language model; one vmapped backward through the shared image features for the projector). Cosines come from
@@ -177,14 +178,44 @@ def plan_rows(
 
 
 def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
-    """Forward passes over ``rows`` (sorted longest first): consecutive runs padded to at most ``max_tokens``."""
-    groups: list[slice] = []
-    for index in range(len(rows)):
-        if groups and (index - groups[-1].start + 1) * len(rows[groups[-1].start].keep) <= max_tokens:
-            groups[-1] = slice(groups[-1].start, index + 1)
-        else:
-            groups.append(slice(index, index + 1))
-    return groups
+    """Forward passes over ``rows`` (sorted longest first): consecutive runs of at most ``max_tokens`` padded tokens
+    (a row longer than that is a pass of its own), chosen to cost the least.
+
+    A pass of rows ``a..b`` costs its padded tokens ``(b - a + 1) · len(row a)`` plus a fixed cost of one longest row
+    (``len(row 0)``: the per-pass work that does not shrink with fewer tokens, such as launches and the layers'
+    weights read once per pass). The cheapest split is found exactly by dynamic programming over the cut points
+    (O(rows²), at most a few dozen rows): short image copies are not padded to an original's length when a pass of
+    their own is cheaper, and one sample's original and copies share a pass when they fit. The split never changes a
+    number, only how many tokens each pass pads.
+    """
+    lengths = [len(row.keep) for row in rows]
+    if not lengths:
+        return []
+    pass_cost = lengths[0]
+    cost = [0] + [float("inf")] * len(rows)  # cost[end]: the cheapest split of rows[:end]
+    start_of = [0] * (len(rows) + 1)
+    for end in range(1, len(rows) + 1):
+        for start in range(end - 1, -1, -1):
+            padded = (end - start) * lengths[start]
+            if padded > max_tokens and start < end - 1:
+                break  # longer runs only pad more (rows are sorted longest first)
+            if cost[start] + padded + pass_cost < cost[end]:
+                cost[end], start_of[end] = cost[start] + padded + pass_cost, start
+    passes, end = [], len(rows)
+    while end:
+        passes.append(slice(start_of[end], end))
+        end = start_of[end]
+    return passes[::-1]
+
+
+def default_max_tokens(samples: Sequence[SampleInputs], rows: Sequence[Row]) -> int:
+    """``aimkp_fast_max_tokens: 0``: the micro-batch's own padded size (``len(samples)`` × its longest row), so that no
+    pass is larger than plain SFT's forward, but at least one sample's original and copies at that length, so that a
+    micro-batch of one or two samples still runs a sample's rows together instead of one pass per row."""
+    rows_per_sample: dict[int, int] = {}
+    for row in rows:
+        rows_per_sample[row.sample] = rows_per_sample.get(row.sample, 0) + 1
+    return max(len(samples), *rows_per_sample.values()) * max(len(row.keep) for row in rows)
 
 
 def padded_inputs(
@@ -253,8 +284,7 @@ def fast_batch_step(
         if position not in reference
     }
     if rows:
-        if not max_tokens_per_forward:  # as many tokens as the micro-batch's own padded batch
-            max_tokens_per_forward = len(samples) * max(len(row.keep) for row in rows)
+        max_tokens_per_forward = max_tokens_per_forward or default_max_tokens(samples, rows)
         buffer_dtype = torch.promote_types(layout.parameters[0].dtype, torch.float32)
         row_bytes = sum(parameter.numel() for parameter in layout.parameters) * buffer_dtype.itemsize
         for group in buffer_groups(rows, row_bytes, max_buffer_bytes):
@@ -360,8 +390,9 @@ def row_gradients(
             f"{counts} rows."
         )
 
-    # Autograd adds into an existing .grad in place: park the caller's gradients, let the backward passes below
-    # write into fresh ones, and put the caller's back afterwards.
+    # The hooked layers form no summed gradient while hooked (see RowGradients), and the shared image features are
+    # detached leaves, so the backward passes below write no .grad; the caller's gradients are parked all the same,
+    # so that nothing autograd might add in place mixes with them.
     saved_grads = [parameter.grad for parameter in layout.parameters]
     for parameter in layout.parameters:
         parameter.grad = None
@@ -396,7 +427,7 @@ def row_gradients(
                 tokens = torch.tensor(
                     [samples[row.sample].num_answer_tokens for row in rows[group]], dtype=sums.dtype, device=device
                 )
-                (sums / tokens).sum().backward()  # also fills .grad of the hooked layers: discarded below
+                (sums / tokens).sum().backward()
                 loss_sums[group] = sums.detach()
     finally:
         for parameter, previous in zip(layout.parameters, saved_grads, strict=True):

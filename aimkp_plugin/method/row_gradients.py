@@ -4,6 +4,9 @@ with respect to every trainable parameter is kept apart, in one flat ``(rows, P)
 - Linear layers (LoRA's ``lora_A``/``lora_B``, a trained ``lm_head``): forward hooks keep the input ``x`` and hook the
   output's gradient ``δ``; row r's gradient is ``Σ_t δ[r, t] x[r, t]ᵀ`` for the weight and ``Σ_t δ[r, t]`` for the
   bias (Opacus' ``GradSampleModule`` rule for ``nn.Linear``). The hooks' handles are kept and removed on exit.
+  While hooked, these layers' parameters are marked as not requiring grad, so that autograd does not also form
+  their summed gradient (``Σ_r`` of the rows: one more gradient's memory and the same products again); the output
+  gradients still flow, since each layer's input requires grad. The marks are put back on exit.
 - Parameters upstream of a shared tensor (the projector, whose image features every variant of a sample reads):
   the rows' gradients with respect to that tensor are pushed back through its graph in one vmapped backward
   (``torch.autograd.grad(..., is_grads_batched=True)``).
@@ -36,6 +39,8 @@ class RowGradients:
         self.flat = torch.zeros(rows, start, dtype=dtype, device=device)
         self.rows = slice(0, rows)  # the rows of the forward pass now running: set by the caller per group
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.trained: dict[nn.Module, tuple[bool, bool]] = {}  # hooked layer: (weight trained, bias trained)
+        self.unmarked: list[nn.Parameter] = []  # trained parameters marked requires_grad=False while hooked
 
     # filling
     def add(self, parameter: nn.Parameter, rows: slice | torch.Tensor, per_row: torch.Tensor) -> None:
@@ -44,8 +49,15 @@ class RowGradients:
         self.flat[rows, start:stop] += per_row.reshape(per_row.shape[0], -1).to(self.flat.dtype)
 
     def hook_linear_layers(self, modules: Sequence[nn.Linear]) -> RowGradients:
-        """Register the forward hooks on ``modules`` (each owns trainable parameters listed in this buffer)."""
+        """Register the forward hooks on ``modules`` (each owns trainable parameters listed in this buffer) and mark
+        their trainable parameters as not requiring grad until :meth:`remove_hooks`."""
         for module in modules:
+            bias_trained = module.bias is not None and module.bias.requires_grad
+            self.trained[module] = (module.weight.requires_grad, bias_trained)
+            for parameter in module.parameters(recurse=False):
+                if parameter.requires_grad:
+                    parameter.requires_grad_(False)
+                    self.unmarked.append(parameter)
             self.handles.append(module.register_forward_hook(self._linear_forward_hook))
         return self
 
@@ -53,6 +65,9 @@ class RowGradients:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for parameter in self.unmarked:
+            parameter.requires_grad_(True)
+        self.unmarked.clear()
 
     def __enter__(self) -> RowGradients:
         return self
@@ -62,8 +77,14 @@ class RowGradients:
 
     def _linear_forward_hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         # Not under grad (inference, or the first pass of a reentrant checkpoint): nothing will flow back here.
-        if not torch.is_grad_enabled() or not output.requires_grad:
+        if not torch.is_grad_enabled():
             return
+        if not output.requires_grad:  # the input is a constant, so no output gradient would reach this layer
+            raise RuntimeError(
+                f"aimkp fast step: the trained layer {type(module).__name__}({module.in_features} -> "
+                f"{module.out_features}) reads an input that does not require grad, so its per-row gradient cannot be "
+                "formed; use aimkp_impl: reference for this model."
+            )
         activations, rows = inputs[0].detach(), self.rows
 
         def on_output_gradient(gradient: torch.Tensor) -> None:
@@ -77,9 +98,10 @@ class RowGradients:
         count = gradient.shape[0]
         delta = gradient.reshape(count, -1, gradient.shape[-1])
         inputs = activations.reshape(count, -1, activations.shape[-1]).to(delta.dtype)
-        if module.weight.requires_grad:
+        weight_trained, bias_trained = self.trained[module]
+        if weight_trained:
             self.add(module.weight, rows, torch.einsum("rto,rti->roi", delta, inputs))
-        if module.bias is not None and module.bias.requires_grad:
+        if bias_trained:
             self.add(module.bias, rows, delta.sum(dim=1))
 
     def add_through(
