@@ -59,8 +59,14 @@ def lora_model(path: Path, family: str, checkpointing: bool, vision: bool = Fals
         for name, parameter in model.named_parameters():
             if "vision_tower" in name or ".visual." in name:
                 parameter.requires_grad = True
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if checkpointing:  # as LLaMA-Factory's loader does: its wrapper checkpoints only layers with trained parameters
+        from types import MethodType
+
+        from llamafactory.model.model_utils.checkpointing import _gradient_checkpointing_enable
+
+        base = model.get_base_model()
+        base.gradient_checkpointing_enable = MethodType(_gradient_checkpointing_enable, base)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     return model.train()
 
@@ -162,6 +168,27 @@ def test_one_row_per_forward_gives_the_same_result(case) -> None:
     _, _, _, one_by_one = run_fast(model, samples, config, tokens, max_tokens_per_forward=1)
     for first, second in zip(batched, one_by_one, strict=True):
         torch.testing.assert_close(first, second, rtol=1e-9, atol=1e-13)
+
+
+def test_gradient_checkpointing_stays_on_during_the_fast_step(case, request) -> None:
+    """Under LLaMA-Factory's reentrant checkpointing every decoder layer runs twice per pass (a forward without grad,
+    then the recomputation in the backward): the step must not make the layers look frozen to its wrapper, which
+    would then keep every activation."""
+    if "checkpointing" not in request.node.callspec.id:
+        pytest.skip("the gradient-checkpointing case")
+    model, samples, config, tokens = case
+    layer = layout_of(model).model.model.language_model.layers[0]
+    calls = {True: 0, False: 0}
+
+    def count(*_: object) -> None:
+        calls[torch.is_grad_enabled()] += 1
+
+    handle = layer.register_forward_pre_hook(count)
+    try:
+        run_fast(model, samples, config, tokens)
+    finally:
+        handle.remove()
+    assert calls[False] >= 1 and calls[True] == calls[False], calls
 
 
 def test_rows_are_split_into_the_passes_that_pad_least() -> None:

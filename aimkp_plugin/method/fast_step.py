@@ -337,7 +337,7 @@ def train_rows(
     for position, indices in kept_rows.items():
         share = samples[position].num_answer_tokens * variant_weight(len(indices)) / total_answer_tokens
         weights[indices] = share
-    gradients.add_into_grad(gradients.combine(weights.to(gradients.flat.device)))
+    gradients.add_combination_into_grad(weights.to(gradients.flat.device))
 
 
 def feature_indices(
@@ -390,9 +390,8 @@ def row_gradients(
             f"{counts} rows."
         )
 
-    # The hooked layers form no summed gradient while hooked (see RowGradients), and the shared image features are
-    # detached leaves, so the backward passes below write no .grad; the caller's gradients are parked all the same,
-    # so that nothing autograd might add in place mixes with them.
+    # Autograd adds into an existing .grad in place: park the caller's gradients while the backward passes below
+    # write (and RowGradients drops) the hooked layers' summed gradients, and put the caller's back afterwards.
     saved_grads = [parameter.grad for parameter in layout.parameters]
     for parameter in layout.parameters:
         parameter.grad = None

@@ -4,15 +4,18 @@ with respect to every trainable parameter is kept apart, in one flat ``(rows, P)
 - Linear layers (LoRA's ``lora_A``/``lora_B``, a trained ``lm_head``): forward hooks keep the input ``x`` and hook the
   output's gradient ``δ``; row r's gradient is ``Σ_t δ[r, t] x[r, t]ᵀ`` for the weight and ``Σ_t δ[r, t]`` for the
   bias (Opacus' ``GradSampleModule`` rule for ``nn.Linear``). The hooks' handles are kept and removed on exit.
-  While hooked, these layers' parameters are marked as not requiring grad, so that autograd does not also form
-  their summed gradient (``Σ_r`` of the rows: one more gradient's memory and the same products again); the output
-  gradients still flow, since each layer's input requires grad. The marks are put back on exit.
+  Autograd still forms these layers' summed gradient (``Σ_r`` of the rows) in ``.grad``; a post-accumulate hook
+  drops it as soon as it is written, so that at most one parameter's summed gradient is alive at a time instead
+  of a whole gradient's worth. (Marking the parameters as not requiring grad would skip the products too, but
+  LLaMA-Factory's gradient checkpointing then treats the layers as frozen and stops checkpointing them, which keeps
+  every activation.)
 - Parameters upstream of a shared tensor (the projector, whose image features every variant of a sample reads):
   the rows' gradients with respect to that tensor are pushed back through its graph in one vmapped backward
   (``torch.autograd.grad(..., is_grads_batched=True)``).
 
-Then ``gram()`` gives every dot product between rows (one matmul), from which the cosines come, and ``combine(w)``
-gives ``Σ_r w_r g_r`` (one matrix-vector product): the optimizer-step gradient without another backward.
+Then ``gram()`` gives every dot product between rows (one matmul), from which the cosines come, and
+``add_combination_into_grad(w)`` adds ``Σ_r w_r g_r`` into ``.grad`` (a matrix-vector product per parameter): the
+optimizer-step gradient without another backward.
 Pure torch.
 """
 
@@ -39,8 +42,6 @@ class RowGradients:
         self.flat = torch.zeros(rows, start, dtype=dtype, device=device)
         self.rows = slice(0, rows)  # the rows of the forward pass now running: set by the caller per group
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.trained: dict[nn.Module, tuple[bool, bool]] = {}  # hooked layer: (weight trained, bias trained)
-        self.unmarked: list[nn.Parameter] = []  # trained parameters marked requires_grad=False while hooked
 
     # filling
     def add(self, parameter: nn.Parameter, rows: slice | torch.Tensor, per_row: torch.Tensor) -> None:
@@ -49,25 +50,23 @@ class RowGradients:
         self.flat[rows, start:stop] += per_row.reshape(per_row.shape[0], -1).to(self.flat.dtype)
 
     def hook_linear_layers(self, modules: Sequence[nn.Linear]) -> RowGradients:
-        """Register the forward hooks on ``modules`` (each owns trainable parameters listed in this buffer) and mark
-        their trainable parameters as not requiring grad until :meth:`remove_hooks`."""
+        """Register the forward hooks on ``modules`` (each owns trainable parameters listed in this buffer), and on
+        their trainable parameters the hooks that drop the summed gradient autograd writes into ``.grad``."""
         for module in modules:
-            bias_trained = module.bias is not None and module.bias.requires_grad
-            self.trained[module] = (module.weight.requires_grad, bias_trained)
+            self.handles.append(module.register_forward_hook(self._linear_forward_hook))
             for parameter in module.parameters(recurse=False):
                 if parameter.requires_grad:
-                    parameter.requires_grad_(False)
-                    self.unmarked.append(parameter)
-            self.handles.append(module.register_forward_hook(self._linear_forward_hook))
+                    self.handles.append(parameter.register_post_accumulate_grad_hook(self._drop_summed_gradient))
         return self
 
     def remove_hooks(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for parameter in self.unmarked:
-            parameter.requires_grad_(True)
-        self.unmarked.clear()
+
+    @staticmethod
+    def _drop_summed_gradient(parameter: torch.Tensor) -> None:
+        parameter.grad = None  # the rows hold this gradient apart; the sum is formed again from them
 
     def __enter__(self) -> RowGradients:
         return self
@@ -77,14 +76,8 @@ class RowGradients:
 
     def _linear_forward_hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         # Not under grad (inference, or the first pass of a reentrant checkpoint): nothing will flow back here.
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not output.requires_grad:
             return
-        if not output.requires_grad:  # the input is a constant, so no output gradient would reach this layer
-            raise RuntimeError(
-                f"aimkp fast step: the trained layer {type(module).__name__}({module.in_features} -> "
-                f"{module.out_features}) reads an input that does not require grad, so its per-row gradient cannot be "
-                "formed; use aimkp_impl: reference for this model."
-            )
         activations, rows = inputs[0].detach(), self.rows
 
         def on_output_gradient(gradient: torch.Tensor) -> None:
@@ -98,10 +91,9 @@ class RowGradients:
         count = gradient.shape[0]
         delta = gradient.reshape(count, -1, gradient.shape[-1])
         inputs = activations.reshape(count, -1, activations.shape[-1]).to(delta.dtype)
-        weight_trained, bias_trained = self.trained[module]
-        if weight_trained:
+        if module.weight.requires_grad:
             self.add(module.weight, rows, torch.einsum("rto,rti->roi", delta, inputs))
-        if bias_trained:
+        if module.bias is not None and module.bias.requires_grad:
             self.add(module.bias, rows, delta.sum(dim=1))
 
     def add_through(
@@ -135,13 +127,14 @@ class RowGradients:
         """``G[r, s] = <g_r, g_s>`` over all parameters."""
         return self.flat @ self.flat.T
 
-    def combine(self, weights: torch.Tensor) -> torch.Tensor:
-        """``Σ_r weights[r] g_r`` as one flat vector."""
-        return weights.to(self.flat.dtype) @ self.flat
-
-    def add_into_grad(self, vector: torch.Tensor) -> None:
-        """``parameter.grad += vector[slice]`` for every parameter (created when missing)."""
+    def add_combination_into_grad(self, weights: torch.Tensor) -> None:
+        """``parameter.grad += Σ_r weights[r] g_r`` for every parameter (created when missing), one parameter's slice
+        at a time, so that no whole combined gradient is held beside the buffer."""
+        weights = weights.to(self.flat.dtype)
         for parameter in self.parameters:
             start, stop = self.offsets[id(parameter)]
-            contribution = vector[start:stop].view_as(parameter).to(parameter.dtype)
-            parameter.grad = contribution.clone() if parameter.grad is None else parameter.grad + contribution
+            contribution = (weights @ self.flat[:, start:stop]).view_as(parameter).to(parameter.dtype)
+            if parameter.grad is None:
+                parameter.grad = contribution
+            else:
+                parameter.grad += contribution
