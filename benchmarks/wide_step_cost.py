@@ -25,20 +25,22 @@ frozen, gradient checkpointing on, trainable parameters in float32. The batches 
 
 For each batch size, on the same model and batch: the seconds of one plain SFT step, one reference AimKP step and
 one fast AimKP step (every sample at text and image stride γ, so three rows per sample; the fast step with the
-training default ``aimkp_fast_buffer_mb: 1024``) and their ratios; the peak memory of each step; the fast step's
-per-row gradient buffer (``buffer_bytes``: trainable parameters × 4 bytes × rows of the micro-batch, all rows at
-once, as without a budget; ``buffer_bytes_held``: the most the fast step holds at a time under the budget, the rows
-of its largest group of samples); the token counts.
+training default ``aimkp_fast_buffer_mb: 1024``) and their ratios; the peak memory of each step, in all
+(``peak_mem_bytes``, ``peak_mem_fast_over_sft``: what decides whether a run fits) and above the step's start
+(``peak_mem_above_start_*``: the model, the trained parameters and the previous step's gradients left out); the fast
+step's per-row gradient buffer (``buffer_bytes``: trainable parameters × 4 bytes × rows of the micro-batch, all rows
+at once, as without a budget; ``buffer_bytes_held``: the most the fast step holds at a time under the budget, the
+rows of its largest group of samples); the token counts.
 
 - CUDA: as ``step_cost.py``: the median of ``--repeats`` (default 10) interleaved runs after one warm-up each, and
-  the allocator's peak above the step's start.
+  the allocator's peak (in all, and above the step's start).
 - CPU: each step runs in a fresh process of its own (``step_cost.py``'s memory child): one warm-up and
-  ``--repeats`` timed runs, the resident high-water mark above the start over all of them (as ``step_cost.py``'s
-  two runs), the wall-clock and process CPU seconds of the timed runs and the load average. The reference step at
-  batch 8 takes over a minute on this 2-core CPU, so the default is ``--repeats 1`` and bf16 (the CPU's AMX runs
-  bf16 matrix products about 2.5× faster than float32): the default run took 13.5 minutes here on a quiet machine
-  (each child also loads the model), more while other work shares the cores (``--repeats 2`` adds about 5
-  minutes). Timing and memory from the same runs keep it there; the JSON says how it was timed.
+  ``--repeats`` timed runs, the resident high-water mark over all of them, in all and above the start (as
+  ``step_cost.py``'s two runs), the wall-clock and process CPU seconds of the timed runs and the load average. The
+  reference step at batch 8 takes over a minute on this 2-core CPU, so the default is ``--repeats 1`` and bf16 (the
+  CPU's AMX runs bf16 matrix products about 2.5× faster than float32): the default run took 13.5 minutes here on a
+  quiet machine (each child also loads the model), more while other work shares the cores (``--repeats 2`` adds
+  about 5 minutes). Timing and memory from the same runs keep it there; the JSON says how it was timed.
 """
 
 from __future__ import annotations

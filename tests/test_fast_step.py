@@ -193,7 +193,8 @@ def test_gradient_checkpointing_stays_on_during_the_fast_step(case, request) -> 
 
 def test_rows_are_split_into_the_passes_that_pad_least() -> None:
     """The pass plan: every row once, in order; no pass over the cap unless it is one row; a sample's three rows in
-    one pass at batch 1 (the default cap); short image copies apart from the originals when that pads less."""
+    one pass at batch 1 on an accelerator (the default cap), one row per pass on a CPU; short image copies apart from
+    the originals when that pads less."""
     from aimkp_plugin.method.fast_step import Row, default_max_tokens, group_rows
 
     def rows(lengths: list[int]) -> list[Row]:
@@ -207,9 +208,11 @@ def test_rows_are_split_into_the_passes_that_pad_least() -> None:
         return [lengths[part] for part in passes]
 
     one_sample = [737, 710, 305]
-    cap = default_max_tokens([None], rows(one_sample))  # type: ignore[list-item]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cap = default_max_tokens([None], rows(one_sample), cuda)  # type: ignore[list-item]
     assert cap == 3 * 737 and split(one_sample, cap) == [[737, 710, 305]]
-    assert default_max_tokens([None] * 8, rows(one_sample)) == 8 * 737  # type: ignore[list-item]
+    assert default_max_tokens([None], rows(one_sample), cpu) == 737  # type: ignore[list-item]
+    assert default_max_tokens([None] * 8, rows(one_sample), cuda) == 8 * 737  # type: ignore[list-item]
     assert split(one_sample, 737) == [[737], [710], [305]]
     two_samples = [737, 731, 710, 704, 305, 299]
     assert split(two_samples, 8 * 737) == [[737, 731, 710, 704], [305, 299]]
