@@ -81,8 +81,9 @@ class AimkpArguments:
         default=0,
         metadata={
             "help": "For aimkp_impl: fast, the most padded tokens one forward pass may hold. 0: the micro-batch's own "
-            "padded size (per_device_train_batch_size × its longest sequence), so no pass is larger than plain "
-            "SFT's; cutoff_len caps activations at the reference's one-sequence passes, more runs faster."
+            "padded size (per_device_train_batch_size × its longest sequence, as plain SFT's forward), and on a GPU "
+            "at least one sample's three rows at that length (batch 1 and 2 then run a sample's original and copies "
+            "as one pass); cutoff_len caps activations at the reference's one-sequence passes, more runs faster."
         },
     )
     aimkp_fast_buffer_mb: int = field(

@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bf16 compute (as LLaMA-Factory's bf16: true)")
-    parser.add_argument("--max-tokens", type=int, default=0, help="aimkp_fast_max_tokens (0: the batch's padded size)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="aimkp_fast_max_tokens (0: automatic)")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)  # internal: "method:stride"
     options = parser.parse_args()

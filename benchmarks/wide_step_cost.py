@@ -209,7 +209,10 @@ def measure(bench: StepBench, options: argparse.Namespace, repeats: int, batch_s
     load average."""
     if options.device == "cuda":
         seconds = bench.seconds(options.stride, repeats)  # warms up first
-        peaks = {name: cuda_peaks(step) for name, step in bench.steps(options.stride).items()}
+        peaks = {}
+        for name, step in bench.steps(options.stride).items():
+            bench.model.zero_grad(set_to_none=True)  # the start: the loaded model and the trained parameters
+            peaks[name] = cuda_peaks(step)
         above = {name: above for name, (above, _) in peaks.items()}
         total = {name: total for name, (_, total) in peaks.items()}
         return seconds, above, {"peak_mem_total_bytes": total}
@@ -256,7 +259,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per step (default: CPU 1, CUDA 10)")
     parser.add_argument("--lora-rank", type=int, default=128, help="LoRA rank (alpha: twice the rank)")
     parser.add_argument("--buffer-mb", type=int, default=1024, help="aimkp_fast_buffer_mb (0: no limit)")
-    parser.add_argument("--max-tokens", type=int, default=0, help="aimkp_fast_max_tokens (0: the batch's padded size)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="aimkp_fast_max_tokens (0: automatic)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and compute")
     parser.add_argument("--bf16", action="store_const", const="bf16", dest="dtype", help="--dtype bf16 (the default)")
@@ -388,9 +391,8 @@ def main() -> None:
                 "their gradients, and the step's own memory)"
             )
             + "; peak_mem_above_start_bytes and the peak_mem_above_start_* ratios: that peak less what was there at "
-            "the step's start (the loaded model and the trained parameters with the previous step's gradients, which "
-            "the step sets to None first); an optimizer's states (AdamW: 8 bytes per trained parameter) are not held "
-            "and would add the same to every step",
+            "the step's start (the loaded model and the trained parameters, no gradients); an optimizer's states "
+            "(AdamW: 8 bytes per trained parameter) are not held and would add the same to every step",
             "buffer_budget_bytes": buffer_budget,
             "buffer_note": (
                 "buffer_bytes: trainable parameters × 4 bytes × rows of the micro-batch (3 rows per sample: the "

@@ -10,8 +10,8 @@ What changes against the reference, and why each change keeps the result exact:
   Qwen2-VL's 3-D rope positions, whose columns are gathered). At stride 2 a 24×24 image keeps 144 of 576 tokens.
 - **Variants of the micro-batch run together**, as rows of padded forward passes (rows sorted by length and split
   into the passes that pad least, at most ``max_tokens_per_forward`` padded tokens per pass; by default as many as
-  the micro-batch's own padded batch, so a pass is never larger than the plain SFT forward of the same micro-batch;
-  on an accelerator at least one sample's original and copies, see :func:`default_max_tokens`).
+  the micro-batch's own padded batch, the size of the plain SFT forward of the same micro-batch, and on an
+  accelerator at least three rows at the longest length, see :func:`default_max_tokens`).
 - **Per-variant gradients come from one backward per pass**, not one per variant:
   :class:`~aimkp_plugin.method.row_gradients.RowGradients` keeps each row's gradient apart (Linear-layer hooks in
   the language model; one vmapped backward through the shared image features for the projector). Cosines come from
@@ -185,8 +185,10 @@ def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
     (``len(row 0)``: the per-pass work that does not shrink with fewer tokens, such as launches and the layers'
     weights read once per pass). The cheapest split is found exactly by dynamic programming over the cut points
     (O(rows²), at most a few dozen rows): short image copies are not padded to an original's length when a pass of
-    their own is cheaper, and one sample's original and copies share a pass when they fit. The split never changes a
-    number, only how many tokens each pass pads.
+    their own is cheaper, and rows of similar length share a pass when the cap allows (with one sample per buffer
+    group, that sample's original and copies). The split never changes a number, only how many tokens each pass pads.
+    The fixed cost is the same on every device; on a CPU the default cap (:func:`default_max_tokens`) is what keeps
+    passes small.
     """
     lengths = [len(row.keep) for row in rows]
     if not lengths:
@@ -209,12 +211,12 @@ def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
 
 
 def default_max_tokens(samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device) -> int:
-    """``aimkp_fast_max_tokens: 0``: the micro-batch's own padded size (``len(samples)`` × its longest row), so that no
-    pass is larger than plain SFT's forward. On an accelerator, at least one sample's original and copies at that
-    length, so that a micro-batch of one or two samples runs a sample's rows as one pass instead of one pass per row:
-    a pass of fewer tokens is barely cheaper there (at LLaVA-1.5-7B widths on an H100 one pass of a sample's three
-    rows took 0.34× the time of three passes). Not on a CPU, which is compute-bound and where the padded three-row
-    pass took 1.3–1.5× as long as three one-row passes at the same widths."""
+    """``aimkp_fast_max_tokens: 0``: the micro-batch's own padded size (``len(samples)`` × its longest row), the size
+    of plain SFT's forward. On an accelerator, at least as many rows as one sample has (its original and copies) at
+    that length, so that a micro-batch of one or two samples runs a sample's rows as one pass instead of one pass per
+    row: a pass of fewer tokens is barely cheaper there (at LLaVA-1.5-7B widths on an H100 one pass of a sample's
+    three rows took 0.34× the time of three passes). Not on a CPU, which is compute-bound and where the padded
+    three-row pass took 1.3–1.5× as long as three one-row passes at the same widths."""
     rows_per_sample: dict[int, int] = {}
     for row in rows:
         rows_per_sample[row.sample] = rows_per_sample.get(row.sample, 0) + 1

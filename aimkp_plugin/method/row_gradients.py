@@ -52,11 +52,15 @@ class RowGradients:
     def hook_linear_layers(self, modules: Sequence[nn.Linear]) -> RowGradients:
         """Register the forward hooks on ``modules`` (each owns trainable parameters listed in this buffer), and on
         their trainable parameters the hooks that drop the summed gradient autograd writes into ``.grad``."""
-        for module in modules:
-            self.handles.append(module.register_forward_hook(self._linear_forward_hook))
-            for parameter in module.parameters(recurse=False):
-                if parameter.requires_grad:
-                    self.handles.append(parameter.register_post_accumulate_grad_hook(self._drop_summed_gradient))
+        try:
+            for module in modules:
+                self.handles.append(module.register_forward_hook(self._linear_forward_hook))
+                for parameter in module.parameters(recurse=False):
+                    if parameter.requires_grad:
+                        self.handles.append(parameter.register_post_accumulate_grad_hook(self._drop_summed_gradient))
+        except BaseException:
+            self.remove_hooks()  # a hook left behind would clear .grad in every later backward
+            raise
         return self
 
     def remove_hooks(self) -> None:
@@ -129,7 +133,9 @@ class RowGradients:
 
     def add_combination_into_grad(self, weights: torch.Tensor) -> None:
         """``parameter.grad += Σ_r weights[r] g_r`` for every parameter (created when missing), one parameter's slice
-        at a time, so that no whole combined gradient is held beside the buffer."""
+        at a time, so that no whole combined gradient is held beside the buffer. An existing ``.grad`` is added to in
+        place, as autograd does; a caller whose ``.grad`` belongs to someone else (DeepSpeed's engine) sets it aside
+        first."""
         weights = weights.to(self.flat.dtype)
         for parameter in self.parameters:
             start, stop = self.offsets[id(parameter)]
