@@ -20,7 +20,6 @@ reach (lower still would need to skip work that the exact per-row gradients need
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import MODELS, StepBench, build  # noqa: E402
+from step_cost import MODELS, StepBench, build, emit_report  # noqa: E402
 
 
 def shared_prefix_length(keep: torch.Tensor) -> int:
@@ -95,7 +94,7 @@ def main() -> None:
             step()
             seconds[name].append(time.perf_counter() - began)
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    report = json.dumps(
+    emit_report(
         {
             "model": f"tiny {options.model} (hidden 64, 2 layers), LoRA r8 on all linear layers + trained projector, "
             "gradient checkpointing on",
@@ -114,14 +113,9 @@ def main() -> None:
             "fast_less_prefix_over_sft": round(
                 (median["fast"] - median["text_prefix_forward"]) / median["plain_sft"], 3
             ),
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
         },
-        indent=2,
+        options.out,
     )
-    print(report)
-    if options.out:
-        Path(options.out).write_text(report + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

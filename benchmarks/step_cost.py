@@ -327,6 +327,17 @@ class StepBench:
         }
 
 
+def emit_report(report: dict[str, Any], out: str | None) -> None:
+    """Print ``report`` (with the Python and torch versions added) as JSON, and write it to ``out`` when given."""
+    text = json.dumps(
+        {**report, "python": sys.version.split()[0], "torch": torch.__version__}, indent=2, ensure_ascii=False
+    )
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n", encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llava-576", choices=sorted(MODELS))
@@ -356,7 +367,7 @@ def main() -> None:
         seconds = bench.seconds(stride, options.repeats)
         results[f"stride_{stride}"] = bench.result(stride, seconds, bench.peak_memory(stride, argv))
     device_name = torch.cuda.get_device_name() if options.device == "cuda" else "cpu"
-    report = json.dumps(
+    emit_report(
         {
             "model": f"tiny {options.model} (hidden 64, 2 layers), LoRA r8 on all linear layers + trained projector",
             "device": device_name,
@@ -370,14 +381,9 @@ def main() -> None:
             "trainable_parameters": sum(parameter.numel() for parameter in bench.parameters),
             "repeats": options.repeats,
             **results,
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
         },
-        indent=2,
+        options.out,
     )
-    print(report)
-    if options.out:
-        Path(options.out).write_text(report + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import StepBench, collate, cpu_child_measure, cuda_peaks, lora_model  # noqa: E402
+from step_cost import StepBench, collate, cpu_child_measure, cuda_peaks, emit_report, lora_model  # noqa: E402
 
 
 BUILDER_VERSION = 1  # bump when build_wide_model changes what it writes
@@ -336,7 +336,7 @@ def main() -> None:
     )
     if options.device == "cpu" and repeats == 1:
         timing += "; repeats 1 on the CPU so that the default run (1 + 2 + 4 + 8 samples) stays within ~25 minutes"
-    report = json.dumps(
+    emit_report(
         {
             "model": {
                 "description": (
@@ -404,16 +404,9 @@ def main() -> None:
             "setup_s": round(build_s, 1),
             "total_s": round(time.perf_counter() - started, 1),
             "batches": entries,
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
         },
-        indent=2,
-        ensure_ascii=False,
+        options.out,
     )
-    print(report)
-    if options.out:
-        Path(options.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(options.out).write_text(report + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
