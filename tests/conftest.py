@@ -164,14 +164,39 @@ def run_llamafactory(
         path.write_text(yaml.safe_dump(config))
     else:
         path = config
-    return subprocess.run(
-        ["llamafactory-cli", "train", str(path), *cli_overrides],
-        cwd=REPO,
-        env=subprocess_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,  # LLaMA-Factory logs to stdout, Python errors go to stderr: read them together
-        text=True,
-        timeout=timeout,
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["llamafactory-cli", "train", str(path), *cli_overrides],
+            cwd=REPO,
+            env=subprocess_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # LLaMA-Factory logs to stdout, Python errors go to stderr: read them together
+            text=True,
+            timeout=timeout,
+        )
+
+    result = run()
+    if isinstance(config, dict) and exit_abort_after_training(result, env):
+        shutil.rmtree(config["output_dir"], ignore_errors=True)  # LLaMA-Factory refuses a non-empty output_dir
+        first = result.stdout
+        result = run()
+        result.stdout = f"{first}\n[tests] the run above was repeated after a rank's exit abort:\n{result.stdout}"
+    return result
+
+
+def exit_abort_after_training(result: subprocess.CompletedProcess, env: dict[str, str]) -> bool:
+    """A multi-rank CPU (gloo) run whose training completed, but one rank then aborted on its way out ("terminate
+    called without an active exception", exit -6). Seen with torch 2.10 in about one 2-rank run in ten on this
+    2-core machine, more often under load; the cause (somewhere in the process teardown after LLaMA-Factory's
+    destroy_process_group) is not found yet. Such a run is repeated once; a second abort, or any other failure,
+    fails the test."""
+    return (
+        result.returncode != 0
+        and env.get("NPROC_PER_NODE", "1") != "1"
+        and "terminate called without an active exception" in result.stdout
+        and "Training completed" in result.stdout
+        and "Traceback (most recent call last)" not in result.stdout.split("Training completed", 1)[0]
     )
 
 
