@@ -11,7 +11,7 @@ What changes against the reference, and why each change keeps the result exact:
 - **Variants of the micro-batch run together**, as rows of padded forward passes (rows sorted by length and split
   into the passes that pad least, at most ``max_tokens_per_forward`` padded tokens per pass; by default as many as
   the micro-batch's own padded batch, the size of the plain SFT forward of the same micro-batch, and on an
-  accelerator at least three rows at the longest length, see :func:`default_max_tokens`).
+  accelerator at least one sample's rows at the longest length, see :func:`default_max_tokens`).
 - **Per-variant gradients come from one backward per pass**, not one per variant:
   :class:`~aimkp_plugin.method.row_gradients.RowGradients` keeps each row's gradient apart (Linear-layer hooks in
   the language model; one vmapped backward through the shared image features for the projector). Cosines come from
@@ -32,6 +32,7 @@ the model families of ``aimkp_plugin.families`` implement it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -217,10 +218,7 @@ def default_max_tokens(samples: Sequence[SampleInputs], rows: Sequence[Row], dev
     row: a pass of fewer tokens is barely cheaper there (at LLaVA-1.5-7B widths on an H100 one pass of a sample's
     three rows took 0.34× the time of three passes). Not on a CPU, which is compute-bound and where the padded
     three-row pass took 1.3–1.5× as long as three one-row passes at the same widths."""
-    rows_per_sample: dict[int, int] = {}
-    for row in rows:
-        rows_per_sample[row.sample] = rows_per_sample.get(row.sample, 0) + 1
-    together = max(rows_per_sample.values()) if device.type != "cpu" else 1
+    together = max(Counter(row.sample for row in rows).values()) if device.type != "cpu" else 1
     return max(len(samples), together) * max(len(row.keep) for row in rows)
 
 
@@ -250,12 +248,9 @@ def buffer_groups(rows: Sequence[Row], row_bytes: int, max_buffer_bytes: int | N
     """The samples of ``rows`` (positions in the micro-batch, in order) in consecutive groups whose rows take at most
     ``max_buffer_bytes`` of per-copy gradient buffer (``row_bytes`` each); a sample whose rows alone are more makes a
     group of its own. None: one group."""
-    counts: dict[int, int] = {}
-    for row in rows:
-        counts[row.sample] = counts.get(row.sample, 0) + 1
     groups: list[list[int]] = []
     used = 0
-    for sample, count in counts.items():
+    for sample, count in Counter(row.sample for row in rows).items():  # in order of first appearance
         size = count * row_bytes
         if groups and (max_buffer_bytes is None or used + size <= max_buffer_bytes):
             groups[-1].append(sample)
