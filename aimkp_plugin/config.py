@@ -95,6 +95,15 @@ class AimkpArguments:
             "group of its own. 0: no limit."
         },
     )
+    aimkp_fast_share_prefix: str | bool = field(
+        default="auto",
+        metadata={
+            "help": "For aimkp_impl: fast, compute the prefix that a sample's text copy shares with its original (the "
+            "tokens before the first hidden text token: system prompt, image, post text before it) once per decoder "
+            "layer, with each copy's gradient still kept apart (exact). auto: on a CPU only (measured faster there; "
+            "on a GPU not measured yet); true or false to choose."
+        },
+    )
     aimkp_projector_lr: float | None = field(
         default=None,
         metadata={
@@ -141,6 +150,14 @@ class AimkpArguments:
         if self.aimkp_fast_buffer_mb < 0:
             value = self.aimkp_fast_buffer_mb
             raise AimkpConfigError(f"aimkp_fast_buffer_mb must be an integer >= 0 (0: no limit), got {value}.")
+        if not (isinstance(self.aimkp_fast_share_prefix, str) and self.aimkp_fast_share_prefix.strip() == "auto"):
+            try:
+                self.aimkp_fast_share_prefix = _to_bool("aimkp_fast_share_prefix", self.aimkp_fast_share_prefix)
+            except AimkpConfigError:
+                value = self.aimkp_fast_share_prefix
+                raise AimkpConfigError(
+                    f"aimkp_fast_share_prefix must be auto, true or false, got {value!r}."
+                ) from None
         if self.aimkp_projector_lr is not None:
             self.aimkp_projector_lr = _to_float("aimkp_projector_lr", self.aimkp_projector_lr)
             if self.aimkp_projector_lr < 0:
@@ -154,6 +171,11 @@ class AimkpArguments:
         if self.aimkp_impl not in IMPLEMENTATIONS:
             allowed = ", ".join(IMPLEMENTATIONS)
             raise AimkpConfigError(f"aimkp_impl must be one of: {allowed}; got {self.aimkp_impl!r}.")
+
+    @property
+    def share_prefix(self) -> bool | None:
+        """``aimkp_fast_share_prefix`` for the fast step: None for auto."""
+        return None if isinstance(self.aimkp_fast_share_prefix, str) else self.aimkp_fast_share_prefix
 
     @property
     def threshold(self) -> dict[str, float]:

@@ -56,11 +56,12 @@ def prefix_forward(bench: StepBench, stride: int) -> tuple[Callable[[], None], l
     family, model = bench.layout.family, bench.layout.model
     input_ids, _, attention_mask, position_ids = padded_inputs(family, bench.samples, cut, torch.device(bench.device))
     image_mask = input_ids == family.image_token_id(model.config)
+    no_logits = torch.zeros(0, dtype=torch.long, device=input_ids.device)  # a prefix predicts no answer token
 
     def run() -> None:
         with torch.no_grad(), bench.autocast():
             embeds = model.get_input_embeddings()(input_ids)  # image tokens keep their embedding: same arithmetic
-            family.language_logits(model, embeds, attention_mask, position_ids, image_mask, [])
+            family.language_logits(model, embeds, attention_mask, position_ids, image_mask, [], no_logits)
         if bench.device == "cuda":
             torch.cuda.synchronize()
 

@@ -156,8 +156,9 @@ class StepBench:
     """The three steps on one LoRA model and one padded batch: plain SFT (one forward/backward of the batch), the
     reference AimKP step and the fast one, every sample at text and image stride γ (not frozen).
 
-    ``max_tokens`` and ``max_buffer_bytes`` are the fast step's ``aimkp_fast_max_tokens`` (0: the batch's padded
-    size) and per-copy gradient buffer budget (None: no limit)."""
+    ``max_tokens``, ``max_buffer_bytes`` and ``share_prefix`` are the fast step's ``aimkp_fast_max_tokens`` (0: the
+    batch's padded size), per-copy gradient buffer budget (None: no limit) and ``aimkp_fast_share_prefix`` (None:
+    auto). ``compare_share`` adds the step ``fast_prefix_apart``: the fast step with every row apart."""
 
     def __init__(
         self,
@@ -169,6 +170,8 @@ class StepBench:
         bf16: bool,
         max_tokens: int = 0,
         max_buffer_bytes: int | None = None,
+        share_prefix: bool | None = None,
+        compare_share: bool = False,
     ) -> None:
         from aimkp_plugin.families import family_for
         from aimkp_plugin.integration.batches import BatchSplitter
@@ -177,6 +180,7 @@ class StepBench:
 
         self.model, self.batch, self.batch_size, self.device, self.bf16 = model, batch, batch_size, device, bf16
         self.max_tokens, self.max_buffer_bytes = max_tokens, max_buffer_bytes
+        self.share_prefix, self.compare_share = share_prefix, compare_share
         self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         self.samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(batch_size)))
         self.config = StepConfig(modalities=["text", "image"], thresholds={"text": 0.1, "image": 0.4})
@@ -223,7 +227,7 @@ class StepBench:
                     self.reference_mask,
                 )
 
-    def fast(self, stride: int) -> None:
+    def fast(self, stride: int, share_prefix: bool | None = None) -> None:
         from aimkp_plugin.method.fast_step import fast_batch_step
 
         self.model.zero_grad(set_to_none=True)
@@ -237,6 +241,7 @@ class StepBench:
                 0,
                 self.max_tokens,
                 self.max_buffer_bytes,
+                self.share_prefix if share_prefix is None else share_prefix,
             )
 
     def steps(self, stride: int) -> dict[str, Callable[[], None]]:
@@ -250,11 +255,14 @@ class StepBench:
 
             return run
 
-        return {
+        steps = {
             "plain_sft": synchronised(self.plain),
             "reference": synchronised(lambda: self.reference(stride)),
             "fast": synchronised(lambda: self.fast(stride)),
         }
+        if self.compare_share:
+            steps["fast_prefix_apart"] = synchronised(lambda: self.fast(stride, share_prefix=False))
+        return steps
 
     def measure_child(self, method_stride: str, runs: int = 2, warmup: int = 0) -> None:
         """The child of :func:`cpu_child_measure`: run one step ``warmup`` + ``runs`` times, print its resident
@@ -313,6 +321,12 @@ class StepBench:
         from aimkp_plugin.method.fast_step import plan_rows
 
         rows, _ = plan_rows(self.samples, self.state_at(stride), self.config)
+        apart = {}
+        if "fast_prefix_apart" in seconds:
+            apart = {
+                "fast_prefix_apart_over_sft": round(seconds["fast_prefix_apart"] / seconds["plain_sft"], 3),
+                "fast_over_fast_prefix_apart": round(seconds["fast"] / seconds["fast_prefix_apart"], 3),
+            }
         return {
             "row_lengths_fast": {
                 name: [len(row.keep) for row in rows if row.name == name] for name in ("original", "text", "image")
@@ -324,7 +338,25 @@ class StepBench:
             "reference_over_sft": round(seconds["reference"] / seconds["plain_sft"], 3),
             "peak_mem_fast_over_reference": round(memory["fast"] / max(memory["reference"], 1), 3),
             "peak_mem_fast_over_sft": round(memory["fast"] / max(memory["plain_sft"], 1), 3),
+            **apart,
         }
+
+
+SHARE_CHOICES = {"auto": None, "true": True, "false": False}  # --share-prefix -> the fast step's share_prefix
+
+
+def add_share_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--share-prefix", default="auto", choices=sorted(SHARE_CHOICES), help="aimkp_fast_share_prefix"
+    )
+    parser.add_argument(
+        "--compare-share", action="store_true", help="also time the fast step with every row apart (no shared prefix)"
+    )
+
+
+def share_argv(options: argparse.Namespace) -> list[str]:
+    """The share options again, for a child process that rebuilds the bench."""
+    return [f"--share-prefix={options.share_prefix}"] + (["--compare-share"] if options.compare_share else [])
 
 
 def emit_report(report: dict[str, Any], out: str | None) -> None:
@@ -347,6 +379,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="bf16 compute (as LLaMA-Factory's bf16: true)")
     parser.add_argument("--max-tokens", type=int, default=0, help="aimkp_fast_max_tokens (0: automatic)")
+    add_share_options(parser)
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)  # internal: "method:stride"
     options = parser.parse_args()
@@ -355,12 +388,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         model, batch, tokenizer = build(Path(workdir), options.model, options.batch, options.device, options.bf16)
-    bench = StepBench(model, batch, tokenizer, options.batch, options.device, options.bf16, options.max_tokens)
+    share = SHARE_CHOICES[options.share_prefix]
+    bench = StepBench(
+        model,
+        batch,
+        tokenizer,
+        options.batch,
+        options.device,
+        options.bf16,
+        options.max_tokens,
+        None,
+        share,
+        options.compare_share,
+    )
     if options.measure_memory:  # the child of cpu_peak_bytes
         bench.measure_child(options.measure_memory)
         return
     argv = [f"--model={options.model}", f"--batch={options.batch}", f"--device={options.device}"]
-    argv += [f"--max-tokens={options.max_tokens}"]
+    argv += [f"--max-tokens={options.max_tokens}"] + share_argv(options)
     argv += ["--bf16"] if options.bf16 else []
     results = {}
     for stride in [int(value) for value in options.strides.split(",")]:
@@ -379,6 +424,7 @@ def main() -> None:
             "text_tokens_per_sample": [len(sample.spans.text) for sample in bench.samples],
             "answer_tokens": bench.tokens,
             "trainable_parameters": sum(parameter.numel() for parameter in bench.parameters),
+            "share_prefix": options.share_prefix,
             "repeats": options.repeats,
             **results,
         },

@@ -61,7 +61,17 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import StepBench, collate, cpu_child_measure, cuda_peaks, emit_report, lora_model  # noqa: E402
+from step_cost import (  # noqa: E402
+    SHARE_CHOICES,
+    StepBench,
+    add_share_options,
+    collate,
+    cpu_child_measure,
+    cuda_peaks,
+    emit_report,
+    lora_model,
+    share_argv,
+)
 
 
 BUILDER_VERSION = 1  # bump when build_wide_model changes what it writes
@@ -227,6 +237,7 @@ def measure(bench: StepBench, options: argparse.Namespace, repeats: int, batch_s
         f"--max-tokens={options.max_tokens}",
         f"--dtype={options.dtype}",
         "--device=cpu",
+        *share_argv(options),
     ]
     seconds, memory, total, cpu_seconds, load = {}, {}, {}, {}, {}
     for method in bench.steps(options.stride):
@@ -263,6 +274,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and compute")
     parser.add_argument("--bf16", action="store_const", const="bf16", dest="dtype", help="--dtype bf16 (the default)")
+    add_share_options(parser)
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)  # internal: "method:stride"
     options = parser.parse_args()
@@ -290,7 +302,16 @@ def main() -> None:
 
     def bench_at(batch_size: int) -> StepBench:
         return StepBench(
-            model, padded[batch_size], tokenizer, batch_size, options.device, bf16, options.max_tokens, buffer_budget
+            model,
+            padded[batch_size],
+            tokenizer,
+            batch_size,
+            options.device,
+            bf16,
+            options.max_tokens,
+            buffer_budget,
+            SHARE_CHOICES[options.share_prefix],
+            options.compare_share,
         )
 
     if options.measure_memory:  # the child of step_cost.cpu_child_measure, one batch size
@@ -309,6 +330,7 @@ def main() -> None:
                 "fast_over_reference": result["fast_over_reference"],
                 "fast_over_sft": result["fast_over_sft"],
                 "reference_over_sft": result["reference_over_sft"],
+                **{key: value for key, value in result.items() if "prefix_apart" in key},
                 **memory_ratios(total, ""),
                 **memory_ratios(memory, "above_start_"),
                 **buffer_sizes(bench, options.stride),
@@ -369,6 +391,7 @@ def main() -> None:
                 "lora_alpha": 2 * options.lora_rank,
                 "lora_target": "all",
                 "gradient_checkpointing": True,
+                "share_prefix": options.share_prefix,
                 "parameters": counts,
                 "trainable_parameters": counts["trainable"],
                 "image_tokens_per_sample": [len(sample.spans.image_positions) for sample in widest],

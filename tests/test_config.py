@@ -66,6 +66,16 @@ def test_fast_max_tokens_is_a_non_negative_integer() -> None:
         parse_aimkp_arguments({"aimkp_fast_max_tokens": -1})
 
 
+def test_fast_share_prefix_is_auto_true_or_false() -> None:
+    assert parse_aimkp_arguments({}).share_prefix is None
+    assert parse_aimkp_arguments({"aimkp_fast_share_prefix": "true"}).share_prefix is True
+    assert parse_aimkp_arguments({"aimkp_fast_share_prefix": False}).share_prefix is False
+    with pytest.raises(
+        AimkpConfigError, match=r"aimkp_fast_share_prefix must be auto, true or false, got 'sometimes'"
+    ):
+        parse_aimkp_arguments({"aimkp_fast_share_prefix": "sometimes"})
+
+
 def test_fast_buffer_budget_is_a_non_negative_integer_in_mib() -> None:
     assert parse_aimkp_arguments({}).aimkp_fast_buffer_mb == 1024
     assert parse_aimkp_arguments({"aimkp_fast_buffer_mb": "0"}).aimkp_fast_buffer_mb == 0

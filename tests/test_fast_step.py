@@ -42,17 +42,21 @@ STRIDES = [  # (text, image) per sample: both masked; frozen image; text only; i
 LANGUAGE_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def lora_model(path: Path, family: str, checkpointing: bool, vision: bool = False) -> torch.nn.Module:
+def lora_model(
+    path: Path, family: str, checkpointing: bool, vision: bool = False, dropout: float = 0.0
+) -> torch.nn.Module:
     """LoRA (random A and B) on the language model's linear layers, a trained projector and lm_head; float64.
 
     ``vision``: the whole vision tower trains too (its per-copy gradients then come through the shared features; on
-    Qwen3-VL also through the DeepStack features)."""
+    Qwen3-VL also through the DeepStack features). ``dropout``: LoRA's dropout."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa")
     projector = family_for(model.config.model_type).projector.split(".")[-1]  # multi_modal_projector, merger
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_LINEAR, init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LANGUAGE_LINEAR, init_lora_weights=False
+    )
     config.modules_to_save = [projector, "lm_head"]
     model = get_peft_model(model, config)
     if vision:
@@ -191,6 +195,95 @@ def test_gradient_checkpointing_stays_on_during_the_fast_step(case, request) -> 
     assert calls[False] >= 1 and calls[True] == calls[False], calls
 
 
+def test_shared_prefix_gives_the_same_result(case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each original and its text copy with their shared prefix computed once per decoder layer (packed rows, two
+    backward products): the same cosines and ``.grad`` as the rows apart, in float64, on every family (with and
+    without gradient checkpointing, a trained vision tower, Qwen3-VL's DeepStack features, Gemma 3's windows)."""
+    from aimkp_plugin.method import fast_step
+
+    packed: list[int] = []
+    sharing = fast_step.sharing_prefixes
+
+    def counted(layers, plan, gradients):
+        packed.append(plan.packed_rows)
+        return sharing(layers, plan, gradients)
+
+    monkeypatch.setattr(fast_step, "sharing_prefixes", counted)
+    model, samples, config, tokens = case
+    apart, _, _, apart_grads = run_fast(model, samples, config, tokens, share_prefix=False)
+    assert packed == []
+    outcomes, left, _, grads = run_fast(model, samples, config, tokens, share_prefix=True)
+    assert left == [] and summary(outcomes) == summary(apart)
+    texts = sum(1 for outcome in outcomes for copy in outcome.copies if copy.modality == "text")
+    assert texts and sum(packed) >= texts  # every text copy ran packed with its original
+    for shared, rows_apart in zip(outcomes, apart, strict=True):
+        assert [c.cosine for c in shared.copies] == pytest.approx([c.cosine for c in rows_apart.copies], abs=1e-12)
+        assert shared.original_loss_sum == pytest.approx(rows_apart.original_loss_sum, rel=1e-12)
+    for first, second in zip(grads, apart_grads, strict=True):
+        torch.testing.assert_close(first, second, rtol=1e-11, atol=1e-14)
+
+
+def test_shared_prefix_recomputes_with_the_dropout_of_its_forward(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """With LoRA dropout, a checkpointed shared-prefix layer recomputes its forward with the random state of that
+    forward (the masks the loss saw): the same gradients as the same layers keeping their graph, from one seed."""
+    template, images = FAMILIES["llava"]
+    batch, tokenizer = llamafactory_batch(tiny_models["llava"], template, cmkp_workspace, tmp_path, BATCH, images)
+    batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = lora_model(tiny_models["llava"], "llava", checkpointing, dropout=0.3)
+        samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(BATCH)))
+        tokens = float(sum(sample.num_answer_tokens for sample in samples))
+        torch.manual_seed(1)
+        config = StepConfig(["text", "image"], {"text": -1, "image": -1})
+        results.append(run_fast(model, samples, config, tokens, share_prefix=True))
+    (graph_outcomes, *_, graph_grads), (outcomes, *_, grads) = results
+    assert [c.cosine for o in outcomes for c in o.copies] == pytest.approx(
+        [c.cosine for o in graph_outcomes for c in o.copies], abs=1e-12
+    )
+    for first, second in zip(grads, graph_grads, strict=True):
+        torch.testing.assert_close(first, second, rtol=1e-10, atol=1e-14)
+
+
+def test_packed_pass_maps_rows_and_masks() -> None:
+    """The packed layout of one pair (original of 6 tokens, text copy of 5 sharing 3) and one unpaired row of 4: the
+    hidden states round-trip, the prefix's output reaches both rows, each suffix sees the prefix and itself only, and
+    each product's input gradient goes to its own row."""
+    from aimkp_plugin.method.shared_prefix import PackedPass, PrefixPair
+
+    lengths, length = [6, 5, 4], 6
+    plan = PackedPass([PrefixPair(0, 1, 3, 6, 5)], lengths, length, [10, 11, 12])
+    assert (plan.packed_rows, plan.packed_length) == (2, 8)
+    assert plan.buffer_rows[0].tolist() == [10, 12] and plan.buffer_rows[1].tolist() == [11, 12]
+    hidden = torch.arange(3 * length, dtype=torch.float64).reshape(3, length, 1)
+    hidden[1, :3] = hidden[0, :3]  # the shared prefix
+    packed = plan.pack(hidden)
+    assert packed[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5, 9, 10]  # prefix, original suffix, text suffix
+    assert packed[1, :4, 0].tolist() == [12, 13, 14, 15]
+    real = plan.real[..., None]
+    torch.testing.assert_close(plan.unpack(packed) * real, hidden * real)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (causal & plan.real[:, None, :])[:, None]
+    cpu = torch.device("cpu")
+    packed_mask = plan.pack_mask(mask, torch.bool, cpu)
+    allowed = packed_mask[0, 0]
+    assert allowed[7].tolist() == [True, True, True, False, False, False, True, True]  # text suffix: prefix + own
+    assert allowed[5].tolist() == [True] * 6 + [False, False]  # original suffix: prefix + own
+    assert packed_mask[1, 0, 3].tolist() == [True] * 4 + [False] * 4  # the unpaired row as it was
+    assert torch.equal(plan.pack_mask(None, torch.bool, cpu), packed_mask)
+    additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)
+    assert torch.equal(plan.pack_mask(additive, torch.float64, cpu) == 0, packed_mask)
+    gradient = torch.randn(3, length, 1, dtype=torch.float64)
+    products = [plan.cotangent(gradient, 0), plan.cotangent(gradient, 1)]
+    assert products[1][0, 3:6].abs().sum() == 0 and products[0][0, 6:].abs().sum() == 0
+    torch.testing.assert_close(products[1][0, :3], gradient[1, :3])
+    back = plan.input_gradient(products)
+    torch.testing.assert_close(back, gradient * real)
+
+
 def test_rows_are_split_into_the_passes_that_pad_least() -> None:
     """The pass plan: every row once, in order; no pass over the cap unless it is one row; a sample's three rows in
     one pass at batch 1 on an accelerator (the default cap), one row per pass on a CPU; short image copies apart from
@@ -219,6 +312,41 @@ def test_rows_are_split_into_the_passes_that_pad_least() -> None:
     assert split(two_samples, 2 * 737) == [[737, 731], [710, 704], [305, 299]]
     assert split(two_samples, 1) == [[length] for length in two_samples]
     assert group_rows([], 100) == []
+
+
+def test_pairs_share_passes_of_their_own() -> None:
+    """With the shared prefix, a sample's original and text copy are adjacent units of their packed length, in passes
+    without other rows; without it, the plan is the plain longest-first split."""
+    from aimkp_plugin.method.fast_step import Row, plan_passes, prefix_pairs
+
+    def sample(index: int, length: int, hidden_at: int) -> list[Row]:
+        text = torch.cat([torch.arange(hidden_at), torch.arange(hidden_at + 1, length)])
+        image = torch.arange(length // 3)
+        return [
+            Row(index, "original", 1, torch.arange(length)),
+            Row(index, "text", 2, text),
+            Row(index, "image", 2, image),
+        ]
+
+    rows = sample(0, 700, 640) + sample(1, 720, 650)
+    ordered, passes = plan_passes(rows, 2 * 800, share_prefix=True)
+    assert [(row.sample, row.name) for row in ordered] == [
+        (1, "original"),
+        (1, "text"),
+        (0, "original"),
+        (0, "text"),
+        (1, "image"),
+        (0, "image"),
+    ]
+    assert [(part.start, part.stop) for part in passes] == [(0, 4), (4, 6)]
+    pairs = prefix_pairs(ordered[passes[0]])
+    assert [(pair.original, pair.text, pair.prefix, pair.packed_length) for pair in pairs] == [
+        (0, 1, 650, 720 + 69),
+        (2, 3, 640, 700 + 59),
+    ]
+    ordered, passes = plan_passes(rows, 2 * 800, share_prefix=False)
+    assert [len(row.keep) for row in ordered] == [720, 719, 700, 699, 240, 233]
+    assert prefix_pairs(ordered[:1]) == []
 
 
 def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> None:
@@ -301,6 +429,8 @@ def test_five_optimizer_steps_match_the_reference(
             learning_rate=0.05,
         )
         config["max_steps"] = 5
+        if setup == "batch1":  # the rows apart; elsewhere the CPU default, the shared prefix
+            config["aimkp_fast_share_prefix"] = False
         return run_llamafactory(config, tmp_path / f"{impl}_config", OMP_NUM_THREADS="1")
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # both runs side by side, one thread each
@@ -308,6 +438,8 @@ def test_five_optimizer_steps_match_the_reference(
     for result in results.values():
         assert result.returncode == 0, result.stdout[-4000:]
     assert "reference step runs instead" not in results["fast"].stdout
+    shared = "computed per copy, aimkp_fast_share_prefix: False" if setup == "batch1" else "computed once"
+    assert f"the text copies' shared prefix {shared}" in results["fast"].stdout
     assert_same_adapter(outputs["reference"], outputs["fast"], rtol=1e-5)
     reference_state, fast_state = read_state(outputs["reference"]), read_state(outputs["fast"])
     assert fast_state == reference_state

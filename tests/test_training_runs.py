@@ -172,8 +172,11 @@ def test_projector_learning_rate_zero_keeps_the_projector_and_trains_the_rest(
 
     from .test_aimkp_training import assert_same_adapter
 
-    # SGD: Adam turns float32 rounding into whole-lr steps for elements whose gradient is near its epsilon
+    # SGD: Adam turns float32 rounding into whole-lr steps for elements whose gradient is near its epsilon. No
+    # filter: the two runs differ by float32 rounding (BLAS may pick its threads by the machine's load), and a cosine
+    # that close to a threshold would flip a keep decision, a jump in the update that is not what this test is about
     common = {"additional_target": "multi_modal_projector,lm_head", "max_steps": 2, "aimkp": aimkp, "optim": "sgd"}
+    common |= {"aimkp_filter": False} if aimkp else {}
     outputs = {name: tmp_path / name for name in ("zero", "same", "none")}
     for name, extra in (("zero", {"aimkp_projector_lr": 0}), ("same", {"aimkp_projector_lr": 1.0e-3}), ("none", {})):
         config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, outputs[name], **common, **extra)

@@ -139,6 +139,10 @@ class ModelFamily:
         """``0..L-1`` as ``(1, L)``: 1-D rope."""
         return torch.arange(sample.model_inputs["input_ids"].shape[1])[None]
 
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The language model's decoder layers (``get_decoder().layers``)."""
+        return list(model.get_decoder().layers)
+
     def language_logits(
         self,
         model: nn.Module,
@@ -147,10 +151,16 @@ class ModelFamily:
         position_ids: torch.Tensor,
         image_mask: torch.Tensor,
         extras: Sequence[torch.Tensor],
+        logits_positions: torch.Tensor,
     ) -> torch.Tensor:
-        """The whole model from ``inputs_embeds`` (the image features already in place)."""
+        """The whole model from ``inputs_embeds`` (the image features already in place), ``lm_head`` only at
+        ``logits_positions``."""
         return model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=logits_positions,
         ).logits
 
     # ------------------------------------------------------------------ tiny models

@@ -180,13 +180,18 @@ class Gemma3Family(ModelFamily):
         position_ids: torch.Tensor,
         image_mask: torch.Tensor,
         extras: Sequence[torch.Tensor],
+        logits_positions: torch.Tensor,
     ) -> torch.Tensor:
         """The model with one mask per layer type over the kept tokens: image blocks are the runs of kept image tokens
         (``<start_of_image>`` / ``<end_of_image>`` are never hidden, so two images never touch)."""
         dtype = attention_mask_dtype(model, inputs_embeds.dtype)
         masks = self.layer_masks(model, position_ids, image_mask, attention_mask.bool(), dtype)
         return model(
-            inputs_embeds=inputs_embeds, attention_mask=masks, position_ids=position_ids, use_cache=False
+            inputs_embeds=inputs_embeds,
+            attention_mask=masks,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=logits_positions,
         ).logits
 
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:

@@ -58,8 +58,10 @@ class Qwen3VLFamily(QwenVLFamily):
         position_ids: torch.Tensor,
         image_mask: torch.Tensor,
         extras: Sequence[torch.Tensor],
+        logits_positions: torch.Tensor,
     ) -> torch.Tensor:
-        """The language model with the DeepStack features of the kept image tokens, then ``lm_head``."""
+        """The language model with the DeepStack features of the kept image tokens, then ``lm_head`` at
+        ``logits_positions``."""
         hidden = model.model.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -68,7 +70,7 @@ class Qwen3VLFamily(QwenVLFamily):
             deepstack_visual_embeds=list(extras) if extras else None,
             use_cache=False,
         ).last_hidden_state
-        return model.lm_head(hidden)
+        return model.lm_head(hidden[:, logits_positions])
 
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
         from transformers import (

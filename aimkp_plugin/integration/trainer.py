@@ -31,7 +31,13 @@ from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from ..config import DEEPSPEED_STAGES, AimkpConfigError
 from ..families import GenericFamily, ModelFamily, family_for
 from ..families.base import attention_mask_dtype
-from ..method.fast_step import FastStepLayout, FastStepUnsupportedError, fast_batch_step, fast_step_layout
+from ..method.fast_step import (
+    FastStepLayout,
+    FastStepUnsupportedError,
+    default_share_prefix,
+    fast_batch_step,
+    fast_step_layout,
+)
 from ..method.step import reference_sample_step
 from ..method.types import IGNORE_INDEX, StepConfig
 from . import patching
@@ -148,10 +154,14 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
                 "(the same updates, slower). Set aimkp_impl: reference to silence this warning."
             )
             return None
+        device = layout.model.get_input_embeddings().weight.device
+        share = default_share_prefix(device) if self.aimkp.share_prefix is None else self.aimkp.share_prefix
         logger.info(
             f"aimkp-plugin: the fast AimKP step runs for the {layout.family.name} family "
             f"({len(layout.linear_modules)} hooked Linear layers, "
-            f"{len(layout.vision_parameters)} trained vision-side tensors)."
+            f"{len(layout.vision_parameters)} trained vision-side tensors; the text copies' shared prefix "
+            f"{'computed once' if share else 'computed per copy'}, aimkp_fast_share_prefix: "
+            f"{self.aimkp.aimkp_fast_share_prefix})."
         )
         return layout
 
@@ -243,6 +253,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
                     epoch,
                     self.aimkp.aimkp_fast_max_tokens,
                     self.aimkp.aimkp_fast_buffer_mb * 2**20 or None,
+                    self.aimkp.share_prefix,
                 )
                 samples = [samples[position] for position in left_to_reference]
             for sample in samples:

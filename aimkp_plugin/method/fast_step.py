@@ -12,6 +12,9 @@ What changes against the reference, and why each change keeps the result exact:
   into the passes that pad least, at most ``max_tokens_per_forward`` padded tokens per pass; by default as many as
   the micro-batch's own padded batch, the size of the plain SFT forward of the same micro-batch, and on an
   accelerator at least one sample's rows at the longest length, see :func:`default_max_tokens`).
+- **Logits only where a loss reads them.** ``lm_head`` and the cross-entropy run at the positions that predict an
+  answer token of some row of a pass (tens of a row's hundreds of positions); the other positions' logits have no
+  loss, so no gradient flows from them, and a trained ``lm_head``'s rows get nothing from them either.
 - **Per-variant gradients come from one backward per pass**, not one per variant:
   :class:`~aimkp_plugin.method.row_gradients.RowGradients` keeps each row's gradient apart (Linear-layer hooks in
   the language model; one vmapped backward through the shared image features for the projector). Cosines come from
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,9 +46,10 @@ from torch import nn
 
 from .filtering import cosine_from_products, keep_copy, variant_weight
 from .row_gradients import RowGradients
+from .shared_prefix import PackedPass, PrefixPair, sharing_prefixes
 from .state import CurriculumState
 from .types import IGNORE_INDEX, ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfig
-from .variants import hidden_for, planned_copies, row_loss_sums, update_curriculum
+from .variants import hidden_for, planned_copies, predicted_loss_sums, update_curriculum
 
 
 class FastStepUnsupportedError(ValueError):
@@ -83,6 +88,10 @@ class FastStepFamily(Protocol):
     def position_ids(self, sample: SampleInputs) -> torch.Tensor:
         """The sample's original position ids, ``(1, L)`` or ``(rows, 1, L)`` for multimodal rope."""
 
+    def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
+        """The language model's decoder layers, each called as ``layer(hidden_states, **keywords)`` through the
+        gradient-checkpointing hook of Hugging Face's ``GradientCheckpointingLayer`` (for the shared prefix)."""
+
     def language_logits(
         self,
         model: nn.Module,
@@ -91,8 +100,10 @@ class FastStepFamily(Protocol):
         position_ids: torch.Tensor,
         image_mask: torch.Tensor,
         extras: Sequence[torch.Tensor],
+        logits_positions: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits of padded rows whose image tokens (``image_mask``) already hold their features; ``extras`` are the
+        """Logits ``(rows, len(logits_positions), vocabulary)`` at ``logits_positions`` (1-D, the same positions of
+        every row) of padded rows whose image tokens (``image_mask``) already hold their features; ``extras`` are the
         kept rows of :attr:`ImageFeatures.extras`, in the order of ``image_mask``."""
 
 
@@ -179,8 +190,13 @@ def plan_rows(
 
 
 def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
-    """Forward passes over ``rows`` (sorted longest first): consecutive runs of at most ``max_tokens`` padded tokens
-    (a row longer than that is a pass of its own), chosen to cost the least.
+    """Forward passes over ``rows`` (sorted longest first): :func:`group_lengths` of their lengths."""
+    return group_lengths([len(row.keep) for row in rows], max_tokens)
+
+
+def group_lengths(lengths: list[int], max_tokens: int) -> list[slice]:
+    """Forward passes over rows of ``lengths`` (sorted longest first): consecutive runs of at most ``max_tokens``
+    padded tokens (a row longer than that is a pass of its own), chosen to cost the least.
 
     A pass of rows ``a..b`` costs its padded tokens ``(b - a + 1) · len(row a)`` plus a fixed cost of one longest row
     (``len(row 0)``: the per-pass work that does not shrink with fewer tokens, such as launches and the layers'
@@ -191,24 +207,86 @@ def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
     The fixed cost is the same on every device; on a CPU the default cap (:func:`default_max_tokens`) is what keeps
     passes small.
     """
-    lengths = [len(row.keep) for row in rows]
     if not lengths:
         return []
     pass_cost = lengths[0]
-    cost = [0] + [float("inf")] * len(rows)  # cost[end]: the cheapest split of rows[:end]
-    start_of = [0] * (len(rows) + 1)
-    for end in range(1, len(rows) + 1):
+    cost = [0] + [float("inf")] * len(lengths)  # cost[end]: the cheapest split of rows[:end]
+    start_of = [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
         for start in range(end - 1, -1, -1):
             padded = (end - start) * lengths[start]
             if padded > max_tokens and start < end - 1:
                 break  # longer runs only pad more (rows are sorted longest first)
             if cost[start] + padded + pass_cost < cost[end]:
                 cost[end], start_of[end] = cost[start] + padded + pass_cost, start
-    passes, end = [], len(rows)
+    passes, end = [], len(lengths)
     while end:
         passes.append(slice(start_of[end], end))
         end = start_of[end]
     return passes[::-1]
+
+
+def shared_prefix_length(keep: torch.Tensor) -> int:
+    """How many leading positions a copy keeps unchanged (its shared prefix with the original)."""
+    changed = (keep != torch.arange(len(keep))).nonzero()
+    return int(changed[0]) if len(changed) else len(keep)
+
+
+def plan_passes(rows: list[Row], max_tokens: int, share_prefix: bool) -> tuple[list[Row], list[slice]]:
+    """``rows`` in pass order and the passes (:func:`group_lengths`, rows sorted longest first).
+
+    With ``share_prefix`` a sample's original and text copy are a unit of the packed length ``L_o + L_t - p``
+    (:mod:`~aimkp_plugin.method.shared_prefix`), adjacent in the order; passes of such pairs hold no other rows (the
+    text copies' backward product runs over every row of a pass), and the other rows follow in passes of their own.
+    """
+
+    def longest_first(units: list[list[Row]], lengths: list[int]) -> tuple[list[list[Row]], list[int]]:
+        order = sorted(range(len(units)), key=lambda index: -lengths[index])  # stable: ties keep the sample order
+        return [units[index] for index in order], [lengths[index] for index in order]
+
+    pairs: list[list[Row]] = []
+    singles: list[list[Row]] = []
+    if share_prefix:
+        by_sample: dict[int, dict[str, Row]] = {}
+        for row in rows:
+            by_sample.setdefault(row.sample, {})[row.name] = row
+        for row in rows:
+            named = by_sample[row.sample]
+            if row.name == ORIGINAL and "text" in named and shared_prefix_length(named["text"].keep) > 0:
+                pairs.append([row, named["text"]])
+            elif not (row.name == "text" and ORIGINAL in named and shared_prefix_length(row.keep) > 0):
+                singles.append([row])
+    else:
+        singles = [[row] for row in rows]
+    ordered: list[Row] = []
+    passes: list[slice] = []
+    for units, lengths in (
+        longest_first(pairs, [len(o.keep) + len(t.keep) - shared_prefix_length(t.keep) for o, t in pairs]),
+        longest_first(singles, [len(unit[0].keep) for unit in singles]),
+    ):
+        for group in group_lengths(lengths, max_tokens):
+            start = len(ordered)
+            for unit in units[group]:
+                ordered += unit
+            passes.append(slice(start, len(ordered)))
+    return ordered, passes
+
+
+def prefix_pairs(rows: Sequence[Row]) -> list[PrefixPair]:
+    """The (original, text copy) pairs that :func:`plan_passes` placed next to each other in a pass's ``rows``."""
+    pairs = []
+    for index in range(len(rows) - 1):
+        first, second = rows[index], rows[index + 1]
+        if first.name == ORIGINAL and second.name == "text" and first.sample == second.sample:
+            prefix = shared_prefix_length(second.keep)
+            pairs.append(PrefixPair(index, index + 1, prefix, len(first.keep), len(second.keep)))
+    return pairs
+
+
+def default_share_prefix(device: torch.device) -> bool:
+    """``aimkp_fast_share_prefix: auto``: on a CPU, where a step's time follows the tokens it computes; not on an
+    accelerator, where the extra passes it takes (pairs and other rows apart) have not been measured yet."""
+    return device.type == "cpu"
 
 
 def default_max_tokens(samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device) -> int:
@@ -244,6 +322,12 @@ def padded_inputs(
     return input_ids, labels, attention_mask, position_ids
 
 
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions (1-D, ascending) whose next token is an answer token in at least one row of ``labels``: the only
+    logits a loss reads. Every other position's logits get no gradient, so leaving them out changes no number."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
 def buffer_groups(rows: Sequence[Row], row_bytes: int, max_buffer_bytes: int | None) -> list[list[int]]:
     """The samples of ``rows`` (positions in the micro-batch, in order) in consecutive groups whose rows take at most
     ``max_buffer_bytes`` of per-copy gradient buffer (``row_bytes`` each); a sample whose rows alone are more makes a
@@ -270,6 +354,7 @@ def fast_batch_step(
     epoch: int = 0,
     max_tokens_per_forward: int | None = None,
     max_buffer_bytes: int | None = None,
+    share_prefix: bool | None = None,
 ) -> tuple[list[SampleOutcome], list[int]]:
     """Run the visits of a micro-batch: gradients into ``.grad``, the states updated, the outcomes returned.
 
@@ -277,6 +362,8 @@ def fast_batch_step(
     to the reference step (see the module docstring); the caller runs those. ``max_buffer_bytes`` bounds the
     per-copy gradient buffer: the samples are then trained in groups whose copies fit, each group's share added to
     ``.grad`` before the next (the sum is the same; each sample's cosines only involve its own copies).
+    ``share_prefix`` runs each original and its text copy with their shared prefix computed once per decoder layer
+    (:mod:`~aimkp_plugin.method.shared_prefix`); None: on a CPU only (see :func:`default_share_prefix`).
     """
     rows, reference = plan_rows(samples, state, config)
     outcomes = {
@@ -287,20 +374,22 @@ def fast_batch_step(
     if rows:
         device = layout.model.get_input_embeddings().weight.device
         max_tokens_per_forward = max_tokens_per_forward or default_max_tokens(samples, rows, device)
+        share_prefix = default_share_prefix(device) if share_prefix is None else share_prefix
         buffer_dtype = torch.promote_types(layout.parameters[0].dtype, torch.float32)
         row_bytes = sum(parameter.numel() for parameter in layout.parameters) * buffer_dtype.itemsize
         for group in buffer_groups(rows, row_bytes, max_buffer_bytes):
             slot = {position: index for index, position in enumerate(group)}
             group_rows = [Row(slot[row.sample], row.name, row.stride, row.keep) for row in rows if row.sample in slot]
-            group_rows.sort(key=lambda row: -len(row.keep))  # stable: ties keep the sample order
+            group_rows, passes = plan_passes(group_rows, max_tokens_per_forward, share_prefix)
             group_samples = [samples[position] for position in group]
             train_rows(
                 layout,
                 group_samples,
                 group_rows,
+                passes,
+                share_prefix,
                 config,
                 total_answer_tokens,
-                max_tokens_per_forward,
                 {index: outcomes[position] for position, index in slot.items()},
             )
     for position, outcome in outcomes.items():
@@ -314,14 +403,15 @@ def train_rows(
     layout: FastStepLayout,
     samples: Sequence[SampleInputs],
     rows: list[Row],
+    passes: list[slice],
+    share_prefix: bool,
     config: StepConfig,
     total_answer_tokens: float,
-    max_tokens_per_forward: int,
     outcomes: dict[int, SampleOutcome],
 ) -> None:
     """Every row's gradient, the copies' cosines and keep decisions (into ``outcomes``, by sample position), and
     ``Σ_i n_i / |K_i| / N · Σ_{v ∈ K_i} g_{i,v}`` over these samples added into ``.grad``."""
-    gradients, loss_sums = row_gradients(layout, samples, rows, max_tokens_per_forward)
+    gradients, loss_sums = row_gradients(layout, samples, rows, passes, share_prefix)
     gram, losses = gradients.gram().cpu(), loss_sums.tolist()  # one transfer each, then plain reads
     weights = torch.zeros(len(rows), dtype=gram.dtype)
     original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
@@ -361,12 +451,18 @@ def feature_indices(
 
 
 def row_gradients(
-    layout: FastStepLayout, samples: Sequence[SampleInputs], rows: list[Row], max_tokens_per_forward: int
+    layout: FastStepLayout,
+    samples: Sequence[SampleInputs],
+    rows: list[Row],
+    passes: Sequence[slice],
+    share_prefix: bool = False,
 ) -> tuple[RowGradients, torch.Tensor]:
     """Every row's gradient of its mean answer cross-entropy (in a :class:`RowGradients`) and its summed loss.
 
-    ``.grad`` is left as it was. One forward and one backward per group of rows; the vision side's share of each
-    row's gradient comes from one vmapped backward per sample through the shared image features at the end.
+    ``.grad`` is left as it was. One forward and one backward per pass (``passes`` of ``rows``, from
+    :func:`plan_passes`); with ``share_prefix`` the pairs that a pass holds share their prefix. The vision side's
+    share of each row's gradient comes from one vmapped backward per sample through the shared image features at
+    the end.
     """
     model, family = layout.model, layout.family
     embedding = model.get_input_embeddings()
@@ -401,7 +497,7 @@ def row_gradients(
     loss_sums = torch.zeros(len(rows), dtype=buffer_dtype, device=device)
     try:
         with gradients.hook_linear_layers(layout.linear_modules):
-            for group in group_rows(rows, max_tokens_per_forward):
+            for group in passes:
                 input_ids, labels, attention_mask, position_ids = padded_inputs(family, samples, rows[group], device)
                 inputs_embeds = embedding(input_ids)
                 image_mask = input_ids == image_token_id
@@ -421,10 +517,18 @@ def row_gradients(
                 if not inputs_embeds.requires_grad:
                     inputs_embeds.requires_grad_(True)  # frozen embeddings and projector: the graph starts here
                 gradients.rows = group
-                logits = family.language_logits(
-                    model, inputs_embeds, attention_mask, position_ids, image_mask, values[1:]
-                )
-                sums = row_loss_sums(logits, labels)
+                predicting = predicting_positions(labels)
+                pairs = prefix_pairs(rows[group]) if share_prefix else []
+                sharing = nullcontext()
+                if pairs:
+                    lengths = [len(row.keep) for row in rows[group]]
+                    plan = PackedPass(pairs, lengths, input_ids.shape[1], range(group.start, group.stop))
+                    sharing = sharing_prefixes(family.decoder_layers(model), plan.to(device), gradients)
+                with sharing:
+                    logits = family.language_logits(
+                        model, inputs_embeds, attention_mask, position_ids, image_mask, values[1:], predicting
+                    )
+                sums = predicted_loss_sums(logits, labels[:, predicting + 1])
                 tokens = torch.tensor(
                     [samples[row.sample].num_answer_tokens for row in rows[group]], dtype=sums.dtype, device=device
                 )

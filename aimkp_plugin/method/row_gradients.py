@@ -41,6 +41,9 @@ class RowGradients:
             start += parameter.numel()
         self.flat = torch.zeros(rows, start, dtype=dtype, device=device)
         self.rows = slice(0, rows)  # the rows of the forward pass now running: set by the caller per group
+        # when set, the rows a backward now running attributes to (one per row of the layer's input): a layer that
+        # runs on other rows than the pass's (the shared prefix's packed rows) sets it for each of its products
+        self.fire_rows: torch.Tensor | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # filling
@@ -85,12 +88,14 @@ class RowGradients:
         activations, rows = inputs[0].detach(), self.rows
 
         def on_output_gradient(gradient: torch.Tensor) -> None:
-            self._linear_row_gradients(module, activations, gradient, rows)
+            self._linear_row_gradients(
+                module, activations, gradient, rows if self.fire_rows is None else self.fire_rows
+            )
 
         output.register_hook(on_output_gradient)
 
     def _linear_row_gradients(
-        self, module: nn.Linear, activations: torch.Tensor, gradient: torch.Tensor, rows: slice
+        self, module: nn.Linear, activations: torch.Tensor, gradient: torch.Tensor, rows: slice | torch.Tensor
     ) -> None:
         count = gradient.shape[0]
         delta = gradient.reshape(count, -1, gradient.shape[-1])

@@ -56,15 +56,20 @@ def planned_copies(sample: SampleInputs, state: CurriculumState, config: StepCon
 
 def row_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Σ over each row's answer tokens of the next-token cross-entropy, in float32 at least (float64 stays float64)."""
-    shifted_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    shifted_labels = labels[:, 1:].to(shifted_logits.device)
+    return predicted_loss_sums(logits[:, :-1], labels[:, 1:])
+
+
+def predicted_loss_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ over each row of the cross-entropy of ``logits`` (``(rows, K, V)``) against ``targets`` (``(rows, K)``,
+    :data:`IGNORE_INDEX` where no token is predicted), in float32 at least (float64 stays float64)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     losses = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
+        logits.reshape(-1, logits.shape[-1]),
+        targets.to(logits.device).reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
     )
-    return losses.view(labels.shape[0], -1).sum(dim=1)
+    return losses.view(targets.shape[0], -1).sum(dim=1)
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
