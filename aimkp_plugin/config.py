@@ -321,7 +321,7 @@ SETUP_KEYS = tuple(
     dict.fromkeys(
         ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
         + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
-        + ("label_smoothing_factor", "neftune_noise_alpha")
+        + ("label_smoothing_factor", "neftune_noise_alpha", "lora_dropout")
         + OWN_OPTIMIZER_KEYS
     )
 )  # the config values the checks read, each once
@@ -455,6 +455,12 @@ def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
             "aimkp: true cannot be combined with neftune_noise_alpha: NEFTune draws fresh noise for every forward "
             "pass, so the original and its masked copies would see different inputs and the cosines would measure "
             "the noise. Remove neftune_noise_alpha (or set it to 0)."
+        )
+    if args.aimkp_fast_share_prefix is True and float(setup.get("lora_dropout") or 0) > 0:
+        raise AimkpConfigError(
+            f"aimkp_fast_share_prefix: true cannot be combined with lora_dropout: {setup['lora_dropout']}: the "
+            "original and its text copy would share the prefix's dropout masks, where each forward pass should draw "
+            "its own. Set lora_dropout: 0, or aimkp_fast_share_prefix: auto (it then keeps the copies apart)."
         )
     if str(setup.get("flash_attn") or "auto") == "fa2":
         raise AimkpConfigError(

@@ -76,6 +76,13 @@ def test_fast_share_prefix_is_auto_true_or_false() -> None:
         parse_aimkp_arguments({"aimkp_fast_share_prefix": "sometimes"})
 
 
+def test_shared_prefix_with_lora_dropout_is_refused_before_the_model_loads() -> None:
+    with pytest.raises(AimkpConfigError, match=r"aimkp_fast_share_prefix: true cannot be combined with lora_dropout"):
+        extract_aimkp_arguments({"aimkp": True, "aimkp_fast_share_prefix": True, "lora_dropout": 0.05})
+    extract_aimkp_arguments({"aimkp": True, "lora_dropout": 0.05})  # auto: the copies stay apart
+    extract_aimkp_arguments({"aimkp": True, "aimkp_fast_share_prefix": True, "lora_dropout": 0})
+
+
 def test_fast_buffer_budget_is_a_non_negative_integer_in_mib() -> None:
     assert parse_aimkp_arguments({}).aimkp_fast_buffer_mb == 1024
     assert parse_aimkp_arguments({"aimkp_fast_buffer_mb": "0"}).aimkp_fast_buffer_mb == 0

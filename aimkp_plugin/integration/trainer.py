@@ -34,9 +34,9 @@ from ..families.base import attention_mask_dtype
 from ..method.fast_step import (
     FastStepLayout,
     FastStepUnsupportedError,
-    default_share_prefix,
     fast_batch_step,
     fast_step_layout,
+    resolve_share_prefix,
 )
 from ..method.step import reference_sample_step
 from ..method.types import IGNORE_INDEX, StepConfig
@@ -78,6 +78,9 @@ class IndexPassingCollator:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.collator, name)
+
+
+SHARING_WORDS = {None: "computed per copy", 0.0: "computed once"}  # by resolve_share_prefix's answer
 
 
 class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
@@ -155,13 +158,16 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             )
             return None
         device = layout.model.get_input_embeddings().weight.device
-        share = default_share_prefix(device) if self.aimkp.share_prefix is None else self.aimkp.share_prefix
+        try:
+            share = resolve_share_prefix(layout, self.aimkp.share_prefix, device)
+        except FastStepUnsupportedError as err:
+            raise AimkpConfigError(str(err)) from None
         logger.info(
             f"aimkp-plugin: the fast AimKP step runs for the {layout.family.name} family "
             f"({len(layout.linear_modules)} hooked Linear layers, "
             f"{len(layout.vision_parameters)} trained vision-side tensors; the text copies' shared prefix "
-            f"{'computed once' if share else 'computed per copy'}, aimkp_fast_share_prefix: "
-            f"{self.aimkp.aimkp_fast_share_prefix})."
+            f"{SHARING_WORDS.get(share, 'computed once where over 0.4 of a pair')}, aimkp_fast_share_prefix: "
+            f"{self.aimkp.aimkp_fast_share_prefix}{'' if layout.dropout is None else ', dropout: ' + layout.dropout})."
         )
         return layout
 

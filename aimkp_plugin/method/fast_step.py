@@ -116,6 +116,7 @@ class FastStepLayout:
     parameters: list[nn.Parameter]  # every trainable parameter, in the buffer's order
     linear_modules: list[nn.Linear]  # language-side Linear layers that own trainable parameters (hooked)
     vision_parameters: list[nn.Parameter] = field(default_factory=list)  # trainable, upstream of the image features
+    dropout: str | None = None  # the first active dropout in the decoder layers (see active_dropout), or None
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -147,7 +148,8 @@ def fast_step_layout(model: nn.Module, family: FastStepFamily) -> FastStepLayout
         raise FastStepUnsupportedError(
             "trained parameters without a per-row gradient rule in the fast step: " + ", ".join(uncovered[:5])
         )
-    return FastStepLayout(hf_model, family, parameters, linear_modules, vision_parameters)
+    dropout = active_dropout(family.decoder_layers(hf_model))
+    return FastStepLayout(hf_model, family, parameters, linear_modules, vision_parameters, dropout)
 
 
 @dataclass
@@ -232,61 +234,103 @@ def shared_prefix_length(keep: torch.Tensor) -> int:
     return int(changed[0]) if len(changed) else len(keep)
 
 
-def plan_passes(rows: list[Row], max_tokens: int, share_prefix: bool) -> tuple[list[Row], list[slice]]:
+@dataclass
+class Pass:
+    """One forward pass: a run of the ordered rows, and the (original, text copy) pairs among them that share their
+    prefix (indices within the pass)."""
+
+    rows: slice
+    pairs: list[PrefixPair] = field(default_factory=list)
+
+
+AUTO_SHARE_FROM = 0.4  # aimkp_fast_share_prefix: auto shares a pair whose prefix is over this share of its tokens
+
+
+def plan_passes(rows: list[Row], max_tokens: int, share_from: float | None) -> tuple[list[Row], list[Pass]]:
     """``rows`` in pass order and the passes (:func:`group_lengths`, rows sorted longest first).
 
-    With ``share_prefix`` a sample's original and text copy are a unit of the packed length ``L_o + L_t - p``
-    (:mod:`~aimkp_plugin.method.shared_prefix`), adjacent in the order; passes of such pairs hold no other rows (the
-    text copies' backward product runs over every row of a pass), and the other rows follow in passes of their own.
+    With ``share_from`` (not None) a sample's original and text copy whose shared prefix ``p`` is more than
+    ``share_from`` of their tokens (``p > share_from · (L_o + L_t)``) are a unit of the packed length
+    ``L_o + L_t - p`` (:mod:`~aimkp_plugin.method.shared_prefix`), adjacent in the order; passes of such pairs hold no
+    other rows (the text copies' backward product runs over every row of a pass), and the other rows follow in passes
+    of their own. ``auto`` uses :data:`AUTO_SHARE_FROM`: counting a token's backward as two forwards, a pair costs
+    ``4 (L_o + L_t)`` apart under gradient checkpointing (forward, recomputation, backward) and ``6 (L_o + L_t - p)``
+    packed (its backward runs twice), so packing pays from ``p > (L_o + L_t) / 3``; without checkpointing
+    (``3 (L_o + L_t)`` against ``5 (L_o + L_t - p)``) from ``p > 0.4 (L_o + L_t)``. The packing's own work (masks,
+    index maps, more passes) moves the break-even up: on the tiny LLaVA-NeXT, pairs at 0.33–0.36 ran 1.19× slower
+    packed, and pairs at 0.42–0.45 ran 0.93–1.02× (tiny models) and 0.76–0.92× (LLaVA-1.5-7B widths) the time apart.
     """
 
     def longest_first(units: list[list[Row]], lengths: list[int]) -> tuple[list[list[Row]], list[int]]:
         order = sorted(range(len(units)), key=lambda index: -lengths[index])  # stable: ties keep the sample order
         return [units[index] for index in order], [lengths[index] for index in order]
 
-    pairs: list[list[Row]] = []
-    singles: list[list[Row]] = []
-    if share_prefix:
-        by_sample: dict[int, dict[str, Row]] = {}
-        for row in rows:
-            by_sample.setdefault(row.sample, {})[row.name] = row
-        for row in rows:
-            named = by_sample[row.sample]
-            if row.name == ORIGINAL and "text" in named and shared_prefix_length(named["text"].keep) > 0:
-                pairs.append([row, named["text"]])
-            elif not (row.name == "text" and ORIGINAL in named and shared_prefix_length(row.keep) > 0):
-                singles.append([row])
-    else:
-        singles = [[row] for row in rows]
+    texts = {row.sample: row for row in rows if row.name == "text"}
+
+    def shares(original: Row) -> bool:
+        text = texts.get(original.sample)
+        if share_from is None or original.name != ORIGINAL or text is None:
+            return False
+        prefix = shared_prefix_length(text.keep)
+        return prefix > 0 and prefix > share_from * (len(original.keep) + len(text.keep))
+
+    paired = {row.sample for row in rows if shares(row)}
+    pairs = [[row, texts[row.sample]] for row in rows if row.sample in paired and row.name == ORIGINAL]
+    singles = [[row] for row in rows if row.sample not in paired or row.name not in (ORIGINAL, "text")]
     ordered: list[Row] = []
-    passes: list[slice] = []
+    passes: list[Pass] = []
     for units, lengths in (
         longest_first(pairs, [len(o.keep) + len(t.keep) - shared_prefix_length(t.keep) for o, t in pairs]),
         longest_first(singles, [len(unit[0].keep) for unit in singles]),
     ):
         for group in group_lengths(lengths, max_tokens):
-            start = len(ordered)
+            start, pass_pairs = len(ordered), []
             for unit in units[group]:
+                if len(unit) == 2:
+                    original, text = unit
+                    at = len(ordered) - start
+                    prefix = shared_prefix_length(text.keep)
+                    pass_pairs.append(PrefixPair(at, at + 1, prefix, len(original.keep), len(text.keep)))
                 ordered += unit
-            passes.append(slice(start, len(ordered)))
+            passes.append(Pass(slice(start, len(ordered)), pass_pairs))
     return ordered, passes
 
 
-def prefix_pairs(rows: Sequence[Row]) -> list[PrefixPair]:
-    """The (original, text copy) pairs that :func:`plan_passes` placed next to each other in a pass's ``rows``."""
-    pairs = []
-    for index in range(len(rows) - 1):
-        first, second = rows[index], rows[index + 1]
-        if first.name == ORIGINAL and second.name == "text" and first.sample == second.sample:
-            prefix = shared_prefix_length(second.keep)
-            pairs.append(PrefixPair(index, index + 1, prefix, len(first.keep), len(second.keep)))
-    return pairs
-
-
 def default_share_prefix(device: torch.device) -> bool:
-    """``aimkp_fast_share_prefix: auto``: on a CPU, where a step's time follows the tokens it computes; not on an
-    accelerator, where the extra passes it takes (pairs and other rows apart) have not been measured yet."""
+    """``aimkp_fast_share_prefix: auto`` without dropout: on a CPU, where a step's time follows the tokens it
+    computes; not on an accelerator, where the extra passes it takes (pairs and other rows apart) have not been
+    measured yet."""
     return device.type == "cpu"
+
+
+def active_dropout(layers: Sequence[nn.Module]) -> str | None:
+    """The first dropout with a rate above 0 in ``layers`` (a ``Dropout`` module such as LoRA's, or an attention
+    module's ``attention_dropout``), named; None when there is none."""
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            rate = module.p if isinstance(module, nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+            if isinstance(rate, (int, float)) and rate > 0:
+                return f"layer {index} {name or type(layer).__name__}: {type(module).__name__} {rate:g}"
+    return None
+
+
+def resolve_share_prefix(layout: FastStepLayout, requested: bool | None, device: torch.device) -> float | None:
+    """From which share of a pair's tokens its prefix is shared (:func:`plan_passes`), or None for never:
+    ``requested`` True shares every pair (0), None (auto) those over :data:`AUTO_SHARE_FROM` where
+    :func:`default_share_prefix` says so. Never with dropout in the decoder layers, where the original and its text
+    copy would share the prefix's dropout masks (kept apart, each forward pass draws its own, as in the reference
+    step): with ``requested`` True that is a :class:`FastStepUnsupportedError`."""
+    if layout.dropout is None:
+        if requested is None:
+            return AUTO_SHARE_FROM if default_share_prefix(device) else None
+        return 0.0 if requested else None
+    if requested:
+        raise FastStepUnsupportedError(
+            f"aimkp_fast_share_prefix: true needs decoder layers without dropout, and this model has "
+            f"{layout.dropout}: the original and its text copy would share the prefix's dropout masks. Set "
+            "lora_dropout: 0 (and no attention dropout), or aimkp_fast_share_prefix: auto or false."
+        )
+    return None
 
 
 def default_max_tokens(samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device) -> int:
@@ -363,7 +407,8 @@ def fast_batch_step(
     per-copy gradient buffer: the samples are then trained in groups whose copies fit, each group's share added to
     ``.grad`` before the next (the sum is the same; each sample's cosines only involve its own copies).
     ``share_prefix`` runs each original and its text copy with their shared prefix computed once per decoder layer
-    (:mod:`~aimkp_plugin.method.shared_prefix`); None: on a CPU only (see :func:`default_share_prefix`).
+    (:mod:`~aimkp_plugin.method.shared_prefix`); None: on a CPU without dropout, the pairs whose prefix pays
+    (:func:`resolve_share_prefix`).
     """
     rows, reference = plan_rows(samples, state, config)
     outcomes = {
@@ -374,20 +419,19 @@ def fast_batch_step(
     if rows:
         device = layout.model.get_input_embeddings().weight.device
         max_tokens_per_forward = max_tokens_per_forward or default_max_tokens(samples, rows, device)
-        share_prefix = default_share_prefix(device) if share_prefix is None else share_prefix
+        share_from = resolve_share_prefix(layout, share_prefix, device)
         buffer_dtype = torch.promote_types(layout.parameters[0].dtype, torch.float32)
         row_bytes = sum(parameter.numel() for parameter in layout.parameters) * buffer_dtype.itemsize
         for group in buffer_groups(rows, row_bytes, max_buffer_bytes):
             slot = {position: index for index, position in enumerate(group)}
             group_rows = [Row(slot[row.sample], row.name, row.stride, row.keep) for row in rows if row.sample in slot]
-            group_rows, passes = plan_passes(group_rows, max_tokens_per_forward, share_prefix)
+            group_rows, passes = plan_passes(group_rows, max_tokens_per_forward, share_from)
             group_samples = [samples[position] for position in group]
             train_rows(
                 layout,
                 group_samples,
                 group_rows,
                 passes,
-                share_prefix,
                 config,
                 total_answer_tokens,
                 {index: outcomes[position] for position, index in slot.items()},
@@ -403,15 +447,14 @@ def train_rows(
     layout: FastStepLayout,
     samples: Sequence[SampleInputs],
     rows: list[Row],
-    passes: list[slice],
-    share_prefix: bool,
+    passes: list[Pass],
     config: StepConfig,
     total_answer_tokens: float,
     outcomes: dict[int, SampleOutcome],
 ) -> None:
     """Every row's gradient, the copies' cosines and keep decisions (into ``outcomes``, by sample position), and
     ``Σ_i n_i / |K_i| / N · Σ_{v ∈ K_i} g_{i,v}`` over these samples added into ``.grad``."""
-    gradients, loss_sums = row_gradients(layout, samples, rows, passes, share_prefix)
+    gradients, loss_sums = row_gradients(layout, samples, rows, passes)
     gram, losses = gradients.gram().cpu(), loss_sums.tolist()  # one transfer each, then plain reads
     weights = torch.zeros(len(rows), dtype=gram.dtype)
     original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
@@ -454,13 +497,12 @@ def row_gradients(
     layout: FastStepLayout,
     samples: Sequence[SampleInputs],
     rows: list[Row],
-    passes: Sequence[slice],
-    share_prefix: bool = False,
+    passes: Sequence[Pass],
 ) -> tuple[RowGradients, torch.Tensor]:
     """Every row's gradient of its mean answer cross-entropy (in a :class:`RowGradients`) and its summed loss.
 
     ``.grad`` is left as it was. One forward and one backward per pass (``passes`` of ``rows``, from
-    :func:`plan_passes`); with ``share_prefix`` the pairs that a pass holds share their prefix. The vision side's
+    :func:`plan_passes`); the pairs that a pass names share their prefix. The vision side's
     share of each row's gradient comes from one vmapped backward per sample through the shared image features at
     the end.
     """
@@ -497,7 +539,8 @@ def row_gradients(
     loss_sums = torch.zeros(len(rows), dtype=buffer_dtype, device=device)
     try:
         with gradients.hook_linear_layers(layout.linear_modules):
-            for group in passes:
+            for forward in passes:
+                group = forward.rows
                 input_ids, labels, attention_mask, position_ids = padded_inputs(family, samples, rows[group], device)
                 inputs_embeds = embedding(input_ids)
                 image_mask = input_ids == image_token_id
@@ -518,11 +561,10 @@ def row_gradients(
                     inputs_embeds.requires_grad_(True)  # frozen embeddings and projector: the graph starts here
                 gradients.rows = group
                 predicting = predicting_positions(labels)
-                pairs = prefix_pairs(rows[group]) if share_prefix else []
                 sharing = nullcontext()
-                if pairs:
+                if forward.pairs:
                     lengths = [len(row.keep) for row in rows[group]]
-                    plan = PackedPass(pairs, lengths, input_ids.shape[1], range(group.start, group.stop))
+                    plan = PackedPass(forward.pairs, lengths, input_ids.shape[1], range(group.start, group.stop))
                     sharing = sharing_prefixes(family.decoder_layers(model), plan.to(device), gradients)
                 with sharing:
                     logits = family.language_logits(

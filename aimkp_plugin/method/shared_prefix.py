@@ -14,8 +14,10 @@ backward, two vector-Jacobian products through the packed layer: one with the or
 prefix and the original's suffix), one with the text copy's (the prefix and the text's suffix). The per-row Linear
 hooks of :class:`~aimkp_plugin.method.row_gradients.RowGradients` attribute each product's ``δ`` to the right row
 (:attr:`RowGradients.fire_rows`). With gradient checkpointing the layer's forward runs without a graph and is
-recomputed once in the backward (the RNG and autocast state restored, as ``torch.utils.checkpoint`` does); without,
-the forward keeps its graph for the two products.
+recomputed once in the backward (under the forward's autocast state); without, the forward keeps its graph for the
+two products. The layers must be deterministic: with dropout the two copies would share the prefix's dropout masks
+(kept apart, each forward pass draws its own), so the caller shares prefixes only without dropout
+(:func:`~aimkp_plugin.method.fast_step.resolve_share_prefix`), and the recomputation needs no random state.
 
 Per pair and layer this computes the forward (and its recomputation) of ``L_o + L_t - p`` tokens instead of
 ``L_o + L_t``, and the backward twice over the packed row instead of once over each row.
@@ -219,7 +221,6 @@ class _SharedPrefixLayer(torch.autograd.Function):
         ctx.call = call
         ctx.autocast = _autocast_state(call.device)
         if call.recompute:
-            ctx.rng = _rng_state(call.device)
             ctx.save_for_backward(hidden)
             with torch.no_grad():
                 packed = call.run(call.plan.pack(hidden))
@@ -236,7 +237,7 @@ class _SharedPrefixLayer(torch.autograd.Function):
         call: _LayerCall = ctx.call
         if call.recompute:
             (hidden,) = ctx.saved_tensors
-            with _restored_rng(call.device, ctx.rng), torch.enable_grad(), _autocast(call.device, ctx.autocast):
+            with torch.enable_grad(), _autocast(call.device, ctx.autocast):
                 leaf = call.plan.pack(hidden.detach()).requires_grad_(True)
                 packed = call.run(leaf)
         else:
@@ -261,21 +262,6 @@ def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
 @contextmanager
 def _autocast(device: torch.device, state: tuple[bool, torch.dtype]) -> Iterator[None]:
     with torch.autocast(device.type, enabled=state[0], dtype=state[1]):
-        yield
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), accelerator
-
-
-@contextmanager
-def _restored_rng(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> Iterator[None]:
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
         yield
 
 
