@@ -190,13 +190,15 @@ def exit_abort_after_training(result: subprocess.CompletedProcess, env: dict[str
     called without an active exception", exit -6). Seen with torch 2.10 in about one 2-rank run in ten on this
     2-core machine, more often under load; the cause (somewhere in the process teardown after LLaMA-Factory's
     destroy_process_group) is not found yet. Such a run is repeated once; a second abort, or any other failure,
-    fails the test."""
+    fails the test. The abort is recognised by its signal (torchrun's "exitcode: -6") and message after a completed
+    training, not by the absence of earlier tracebacks: the aborting rank may print one on its way out (an exception
+    ignored in a destructor) before rank 0 logs "Training completed"."""
     return (
         result.returncode != 0
         and env.get("NPROC_PER_NODE", "1") != "1"
-        and "terminate called without an active exception" in result.stdout
         and "Training completed" in result.stdout
-        and "Traceback (most recent call last)" not in result.stdout.split("Training completed", 1)[0]
+        and "terminate called without an active exception" in result.stdout
+        and "(exitcode: -6)" in result.stdout
     )
 
 
