@@ -101,7 +101,9 @@ class AimkpArguments:
             "help": "For aimkp_impl: fast, compute the prefix that a sample's text copy shares with its original (the "
             "tokens before the first hidden text token: system prompt, image, post text before it) once per decoder "
             "layer, with each copy's gradient still kept apart (exact). auto: on a CPU only (measured faster there; "
-            "on a GPU not measured yet); true or false to choose."
+            "on a GPU not measured yet), for pairs whose prefix is over 0.4 of their tokens, and never with dropout "
+            "in the decoder layers (the copies would share the prefix's dropout masks); true: every pair (refused "
+            "with dropout); false: never."
         },
     )
     aimkp_projector_lr: float | None = field(

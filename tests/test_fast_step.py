@@ -273,14 +273,14 @@ def test_packed_pass_maps_rows_and_masks() -> None:
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mask = (causal & plan.real[:, None, :])[:, None]
     cpu = torch.device("cpu")
-    packed_mask = plan.pack_mask(mask, torch.bool, cpu)
+    packed_mask = plan.pack_mask(mask, cpu)
     allowed = packed_mask[0, 0]
     assert allowed[7].tolist() == [True, True, True, False, False, False, True, True]  # text suffix: prefix + own
     assert allowed[5].tolist() == [True] * 6 + [False, False]  # original suffix: prefix + own
     assert packed_mask[1, 0, 3].tolist() == [True] * 4 + [False] * 4  # the unpaired row as it was
-    assert torch.equal(plan.pack_mask(None, torch.bool, cpu), packed_mask)
+    assert torch.equal(plan.pack_mask(None, cpu), packed_mask)
     additive = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)
-    assert torch.equal(plan.pack_mask(additive, torch.float64, cpu) == 0, packed_mask)
+    assert torch.equal(plan.pack_mask(additive, cpu) == 0, packed_mask)
     gradient = torch.randn(3, length, 1, dtype=torch.float64)
     products = [plan.cotangent(gradient, 0), plan.cotangent(gradient, 1)]
     assert products[1][0, 3:6].abs().sum() == 0 and products[0][0, 6:].abs().sum() == 0
@@ -293,13 +293,13 @@ def test_rows_are_split_into_the_passes_that_pad_least() -> None:
     """The pass plan: every row once, in order; no pass over the cap unless it is one row; a sample's three rows in
     one pass at batch 1 on an accelerator (the default cap), one row per pass on a CPU; short image copies apart from
     the originals when that pads less."""
-    from aimkp_plugin.method.fast_step import Row, default_max_tokens, group_rows
+    from aimkp_plugin.method.fast_step import Row, default_max_tokens, group_lengths
 
     def rows(lengths: list[int]) -> list[Row]:
         return [Row(index // 3, "copy", 2, torch.arange(length)) for index, length in enumerate(lengths)]
 
     def split(lengths: list[int], cap: int) -> list[list[int]]:
-        passes = group_rows(rows(lengths), cap)
+        passes = group_lengths(lengths, cap)
         assert [index for part in passes for index in range(part.start, part.stop)] == list(range(len(lengths)))
         for part in passes:
             assert part.stop - part.start == 1 or (part.stop - part.start) * lengths[part.start] <= cap
@@ -316,7 +316,7 @@ def test_rows_are_split_into_the_passes_that_pad_least() -> None:
     assert split(two_samples, 8 * 737) == [[737, 731, 710, 704], [305, 299]]
     assert split(two_samples, 2 * 737) == [[737, 731], [710, 704], [305, 299]]
     assert split(two_samples, 1) == [[length] for length in two_samples]
-    assert group_rows([], 100) == []
+    assert group_lengths([], 100) == []
 
 
 def test_pairs_share_passes_of_their_own() -> None:

@@ -80,7 +80,11 @@ class IndexPassingCollator:
         return getattr(self.collator, name)
 
 
-SHARING_WORDS = {None: "computed per copy", 0.0: "computed once"}  # by resolve_share_prefix's answer
+def sharing_words(share_from: float | None) -> str:
+    """How the fast step treats the text copies' shared prefix, from :func:`resolve_share_prefix`'s answer."""
+    if share_from is None:
+        return "computed per copy"
+    return "computed once" if share_from == 0 else f"computed once where over {share_from:g} of a pair"
 
 
 class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
@@ -166,7 +170,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             f"aimkp-plugin: the fast AimKP step runs for the {layout.family.name} family "
             f"({len(layout.linear_modules)} hooked Linear layers, "
             f"{len(layout.vision_parameters)} trained vision-side tensors; the text copies' shared prefix "
-            f"{SHARING_WORDS.get(share, 'computed once where over 0.4 of a pair')}, aimkp_fast_share_prefix: "
+            f"{sharing_words(share)}, aimkp_fast_share_prefix: "
             f"{self.aimkp.aimkp_fast_share_prefix}{'' if layout.dropout is None else ', dropout: ' + layout.dropout})."
         )
         return layout

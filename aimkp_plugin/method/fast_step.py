@@ -191,11 +191,6 @@ def plan_rows(
     return rows, reference
 
 
-def group_rows(rows: list[Row], max_tokens: int) -> list[slice]:
-    """Forward passes over ``rows`` (sorted longest first): :func:`group_lengths` of their lengths."""
-    return group_lengths([len(row.keep) for row in rows], max_tokens)
-
-
 def group_lengths(lengths: list[int], max_tokens: int) -> list[slice]:
     """Forward passes over rows of ``lengths`` (sorted longest first): consecutive runs of at most ``max_tokens``
     padded tokens (a row longer than that is a pass of its own), chosen to cost the least.
@@ -266,12 +261,15 @@ def plan_passes(rows: list[Row], max_tokens: int, share_from: float | None) -> t
         return [units[index] for index in order], [lengths[index] for index in order]
 
     texts = {row.sample: row for row in rows if row.name == "text"}
+    prefixes = {}  # sample -> its text copy's shared prefix, read only when sharing
+    if share_from is not None:
+        prefixes = {sample: shared_prefix_length(text.keep) for sample, text in texts.items()}
 
     def shares(original: Row) -> bool:
         text = texts.get(original.sample)
         if share_from is None or original.name != ORIGINAL or text is None:
             return False
-        prefix = shared_prefix_length(text.keep)
+        prefix = prefixes[original.sample]
         return prefix > 0 and prefix > share_from * (len(original.keep) + len(text.keep))
 
     paired = {row.sample for row in rows if shares(row)}
@@ -280,7 +278,7 @@ def plan_passes(rows: list[Row], max_tokens: int, share_from: float | None) -> t
     ordered: list[Row] = []
     passes: list[Pass] = []
     for units, lengths in (
-        longest_first(pairs, [len(o.keep) + len(t.keep) - shared_prefix_length(t.keep) for o, t in pairs]),
+        longest_first(pairs, [len(o.keep) + len(t.keep) - prefixes[t.sample] for o, t in pairs]),
         longest_first(singles, [len(unit[0].keep) for unit in singles]),
     ):
         for group in group_lengths(lengths, max_tokens):
@@ -289,8 +287,9 @@ def plan_passes(rows: list[Row], max_tokens: int, share_from: float | None) -> t
                 if len(unit) == 2:
                     original, text = unit
                     at = len(ordered) - start
-                    prefix = shared_prefix_length(text.keep)
-                    pass_pairs.append(PrefixPair(at, at + 1, prefix, len(original.keep), len(text.keep)))
+                    pass_pairs.append(
+                        PrefixPair(at, at + 1, prefixes[text.sample], len(original.keep), len(text.keep))
+                    )
                 ordered += unit
             passes.append(Pass(slice(start, len(ordered)), pass_pairs))
     return ordered, passes

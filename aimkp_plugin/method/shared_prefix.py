@@ -109,20 +109,22 @@ class PackedPass:
         self.real = torch.zeros(self.rows, length, dtype=torch.bool)
         for index, count in enumerate(lengths):
             self.real[index, :count] = True
-        self.valid = (self.source[0] >= 0) | (self.source[1] >= 0)  # packed positions that hold a token
+        # the rows-layout position each packed position reads its input from (view 0's source where it has one,
+        # else view 1's; -1: padding)
+        self.read_from = torch.where(self.source[0] >= 0, self.source[0], self.source[1])
         self._packed: dict[int, tuple[Any, Any]] = {}  # id of a layer argument -> (it, its packed form)
 
     def to(self, device: torch.device) -> PackedPass:
-        for name in ("source", "query_view", "view_row", "target", "target_view", "real", "valid"):
+        for name in ("source", "read_from", "query_view", "view_row", "target", "target_view", "real"):
             setattr(self, name, getattr(self, name).to(device))
         self.buffer_rows = [rows.to(device) for rows in self.buffer_rows]
         return self
 
     # values ---------------------------------------------------------------------------------------------------
     def pack(self, tensor: torch.Tensor, axis: int = 0) -> torch.Tensor:
-        """``tensor``'s ``(rows, length)`` axes at ``axis`` gathered into the packed layout (view 0's source where it
-        has one, else view 1's; padding reads position 0)."""
-        source = torch.where(self.source[0] >= 0, self.source[0], self.source[1]).clamp(min=0)
+        """``tensor``'s ``(rows, length)`` axes at ``axis`` gathered into the packed layout (:attr:`read_from`;
+        padding reads position 0)."""
+        source = self.read_from.clamp(min=0)
         flat = tensor.flatten(axis, axis + 1)
         packed = flat.index_select(axis, source.flatten())
         return packed.unflatten(axis, source.shape)
@@ -148,7 +150,7 @@ class PackedPass:
         return chosen * self.real.to(chosen.dtype)[..., None]
 
     # the attention mask ---------------------------------------------------------------------------------------
-    def pack_mask(self, mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def pack_mask(self, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """The packed rows' 4-D mask (boolean, or additive in ``mask``'s float dtype) from the rows' 4-D mask (None:
         plain causal over real tokens). A query reads its view's row: keys of its own row at their positions in that
         row; the other suffix is invisible; padding sees only itself."""
@@ -164,16 +166,16 @@ class PackedPass:
         for view in (0, 1):
             positions = self.source[view] - self.view_row[view][:, None] * self.length  # position in the view's row
             key_valid = self.source[view] >= 0
-            query_positions = torch.where(self.source[0] >= 0, self.source[0], self.source[1]).clamp(min=0)
-            query_positions = query_positions - self.view_row[view][:, None] * self.length
+            query_positions = self.read_from.clamp(min=0) - self.view_row[view][:, None] * self.length
             rows = allowed[self.view_row[view]]  # (packed rows, heads, length, length)
             index = query_positions.clamp(0, self.length - 1)[:, None, :, None].expand(-1, heads, -1, self.length)
             by_query = rows.gather(2, index)
             index = positions.clamp(0, self.length - 1)[:, None, None, :].expand(-1, heads, self.packed_length, -1)
             seen = by_query.gather(3, index) & key_valid[:, None, None, :]
             packed |= seen & (self.query_view == view)[:, None, :, None]
-        packed &= self.valid[:, None, :, None]
-        packed |= torch.eye(self.packed_length, dtype=torch.bool, device=device) & ~self.valid[:, None, :, None]
+        valid = (self.read_from >= 0)[:, None, :, None]  # packed positions that hold a token
+        packed &= valid
+        packed |= torch.eye(self.packed_length, dtype=torch.bool, device=device) & ~valid
         if mask is None or mask.dtype == torch.bool:
             return packed
         blocked = torch.finfo(mask.dtype).min
@@ -192,7 +194,7 @@ class PackedPass:
 
     def _pack_argument(self, name: str, value: Any, device: torch.device) -> Any:
         if name == "attention_mask":
-            return self.pack_mask(value, value.dtype if torch.is_tensor(value) else torch.bool, device)
+            return self.pack_mask(value, device)
         if isinstance(value, tuple):
             return tuple(self._pack_argument("", item, device) for item in value)
         if torch.is_tensor(value):
