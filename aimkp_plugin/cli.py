@@ -20,13 +20,14 @@ PTH_NAME = "aimkp_plugin.pth"
 
 
 def _models_tiny(options: argparse.Namespace) -> int:
-    from .models.tiny import TINY_MODELS, build_tiny_model
+    from .models.tiny import TINY_ALIASES, TINY_MODELS, build_tiny_model
 
     names = options.name or list(TINY_MODELS)
-    unknown = [name for name in names if name not in TINY_MODELS]
+    unknown = [name for name in names if name not in TINY_MODELS and name not in TINY_ALIASES]
     if unknown:
+        known = ", ".join([*TINY_MODELS, *TINY_ALIASES])
         print(
-            f"aimkp models tiny: unknown model(s) {', '.join(unknown)}; choose from: {', '.join(TINY_MODELS)}.",
+            f"aimkp models tiny: unknown model(s) {', '.join(unknown)}; choose from: {known}.",
             file=sys.stderr,
         )
         return 2

@@ -1,16 +1,17 @@
 """Cost of one AimKP training step (reference and fast) against one plain SFT step, with the real 24×24 image grid.
 
-    python benchmarks/step_cost.py [--model llava-576|qwen2vl|qwen2_5vl|qwen3vl|internvl] [--batch 4]
+    python benchmarks/step_cost.py [--model llava-576|qwen2vl|qwen3vl|qwen3_5|internvl|...] [--batch 4]
                                    [--strides 2,4] [--repeats 5] [--device cpu|cuda] [--bf16]
 
 All steps run on the same LoRA model, built by LLaMA-Factory's own loader as in training (LoRA r8 on all linear
 layers of the language model, the projector trained through ``additional_target``, gradient checkpointing on), and
 the same batch of demo CMKP posts with 576 image tokens each (Qwen2-VL, Qwen2.5-VL: images resized to 672×672, 24×24
-merged tokens; Qwen3-VL: 768×768 with patch 16, 24×24 merged tokens; InternVL: one 448 px tile of 16×16 = 256
-tokens, InternVL's own size). The plain step is one forward/backward of the padded batch; the AimKP steps run every
-sample at text and image stride γ (the original plus two masked copies per sample). Steps are interleaved so all see
-the same machine noise; the ratios come from this one run. Peak memory: on CUDA the allocator's peak per step; on CPU
-the resident set's high-water mark of a forked child running that step alone, above the child's start.
+merged tokens; Qwen3-VL, Qwen3-VL-MoE and Qwen3.5: 768×768 with patch 16, 24×24 merged tokens; InternVL: one 448 px
+tile of 16×16 = 256 tokens, InternVL's own size). The plain step is one forward/backward of the padded batch; the
+AimKP steps run every sample at text and image stride γ (the original plus two masked copies per sample). Steps are
+interleaved so all see the same machine noise; the ratios come from this one run. Peak memory: on CUDA the
+allocator's peak per step; on CPU the resident set's high-water mark of a forked child running that step alone,
+above the child's start.
 """
 
 from __future__ import annotations
@@ -32,13 +33,23 @@ import torch
 
 MODELS = {  # benchmark name -> (tiny model, extra LLaMA-Factory keys); template and projector from its family
     "llava-576": ("llava-576", {}),
-    "qwen2vl": ("qwen2vl", {"image_min_pixels": 672 * 672}),
-    "qwen2_5vl": ("qwen2_5vl", {"image_min_pixels": 672 * 672}),
-    "qwen3vl": ("qwen3vl", {"image_min_pixels": 768 * 768}),
+    "qwen2vl": ("qwen2_vl", {"image_min_pixels": 672 * 672}),
+    "qwen2_5vl": ("qwen2_5_vl", {"image_min_pixels": 672 * 672}),
+    "qwen3vl": ("qwen3_vl", {"image_min_pixels": 768 * 768}),
+    "qwen3_vl_moe": ("qwen3_vl_moe", {"image_min_pixels": 768 * 768}),
+    "qwen3_5": ("qwen3_5", {"image_min_pixels": 768 * 768}),
     "internvl": ("internvl-448", {}),
     "gemma3": ("gemma3", {}),
     "llava_next": ("llava_next", {}),
 }
+
+
+def tiny_shape(name: str) -> str:
+    """The tiny model's width and depth, from its spec."""
+    from aimkp_plugin.models.tiny import tiny_spec
+
+    spec = tiny_spec(MODELS[name][0])
+    return f"hidden {spec.hidden_size}, {spec.num_layers} layers"
 
 
 def lora_model(
@@ -188,6 +199,7 @@ class StepBench:
         family = family_for(model.config.model_type)
         self.layout = fast_step_layout(model, family)
         self.reference_mask = family.reference_mask_builder(model)
+        self.removal = family.token_removal(model)
         self.mask_dtype = torch.bool
 
     def autocast(self) -> torch.autocast:
@@ -225,6 +237,7 @@ class StepBench:
                     self.mask_dtype,
                     0,
                     self.reference_mask,
+                    self.removal,
                 )
 
     def fast(self, stride: int, share_prefix: bool | None = None) -> None:
@@ -414,7 +427,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if options.device == "cuda" else "cpu"
     emit_report(
         {
-            "model": f"tiny {options.model} (hidden 64, 2 layers), LoRA r8 on all linear layers + trained projector",
+            "model": f"tiny {options.model} ({tiny_shape(options.model)}), LoRA r8 on all linear layers + projector",
             "device": device_name,
             "dtype": "bfloat16" if options.bf16 else "float32",
             "threads": torch.get_num_threads(),

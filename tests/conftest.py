@@ -60,9 +60,9 @@ def cmkp_data() -> Path:
 def tiny_models() -> dict[str, Path]:
     from aimkp_plugin.models.tiny import build_tiny_models
 
-    return build_tiny_models(
-        TINY_DIR, ["llava", "qwen2vl", "qwen2_5vl", "qwen3vl", "internvl", "gemma3", "llava_next"]
-    )
+    from .helpers import FAMILY_NAMES
+
+    return build_tiny_models(TINY_DIR, list(FAMILY_NAMES))
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,11 @@
 """The reference AimKP step against a one-variant-at-a-time ground truth written independently from the spec.
 
-The ground truth finds the spans its own way (exact search of the encoded post text, image tokens by id), builds
-the masks from the spec's formulas, runs a second copy of the model with an additive float mask, takes the mean
-answer cross-entropy and ``torch.autograd.grad``, all in float64. The plugin runs the LLaMA-Factory batch through
-its splitter and step (SDPA, boolean masks). Cosines, keep decisions, the final ``.grad`` of every trainable
-parameter and the stride updates must agree.
+The ground truth finds the spans its own way (exact search of the encoded post text, image tokens by id), picks the
+hidden tokens by the spec's formulas, runs a second copy of the model on the sequence with those tokens deleted and
+every kept token at its original position ids (the spec's definition of a copy, step 4), takes the mean answer
+cross-entropy and ``torch.autograd.grad``, all in float64. The plugin runs the LLaMA-Factory batch through its
+splitter and step (SDPA, boolean masks; hidden tokens removed for a family that mixes tokens outside attention).
+Cosines, keep decisions, the final ``.grad`` of every trainable parameter and the stride updates must agree.
 """
 
 from __future__ import annotations
@@ -23,20 +24,13 @@ from aimkp_plugin.method.step import reference_sample_step
 from aimkp_plugin.method.types import StepConfig
 
 from .conftest import llamafactory_data
+from .helpers import FAMILY_NAMES, deleting, images_of, kept_positions, norms_in_input_dtype, template_of
 
 
-# tiny model -> (LLaMA-Factory template, image folder of the workspace): Qwen3-VL and InternVL read wide pictures, so
-# that their grids are not square (3×7 merged tokens) and their images are tiled (tiles plus a thumbnail)
-FAMILIES = {
-    "llava": ("llava", "images"),
-    "qwen2vl": ("qwen2_vl", "images"),
-    "qwen2_5vl": ("qwen2_vl", "images"),
-    "qwen3vl": ("qwen3_vl_nothink", "images_wide"),
-    "internvl": ("intern_vl", "images_wide"),
-    "gemma3": ("gemma3", "images"),
-    "llava_next": ("llava_next", "images_wide"),  # anyres with unpadding: the wide picture loses rows
-}
-BIDIRECTIONAL_IMAGES = {"gemma3"}  # image tokens of one image attend to each other both ways
+# family -> (LLaMA-Factory template, image folder of the workspace): the Qwen3 generation and InternVL read wide
+# pictures, so that their grids are not square (3×7 merged tokens) and their images are tiled (tiles plus a
+# thumbnail); LLaVA-NeXT's anyres unpadding makes the wide picture lose rows
+FAMILIES = {family: (template_of(family), images_of(family)) for family in FAMILY_NAMES}
 STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with text 3; text off, image 8
     (ModalityState(2), ModalityState(2)),
     (ModalityState(3), ModalityState(4, frozen=True)),
@@ -61,10 +55,11 @@ def llamafactory_batch(
     )
     features = [dict(train[index]) for index in range(size)]
     model = None
-    if template.startswith("qwen"):  # LLaMA-Factory's collator computes the m-rope positions with the model
-        from transformers import AutoModelForImageTextToText
+    from llamafactory.extras.constants import MROPE_MODELS
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(model_path)
+    if AutoConfig.from_pretrained(model_path).model_type in MROPE_MODELS:  # the collator computes m-rope positions
+        model = AutoModelForImageTextToText.from_pretrained(model_path)  # with the model
     collator = SFTDataCollatorWith4DAttentionMask(
         template=template_obj, model=model, pad_to_multiple_of=None, label_pad_token_id=-100, **tokenizer_module
     )
@@ -75,10 +70,13 @@ def llamafactory_batch(
 def load_model(path: Path, attention: str) -> torch.nn.Module:
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64, attn_implementation=attention)
+    # MoE experts: the eager loop (grouped_mm takes no float64)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.float64, attn_implementation=attention, experts_implementation="eager"
+    )
     for name, parameter in model.named_parameters():  # train the LLM and projector, freeze the vision tower
         parameter.requires_grad = "vision" not in name or "merger" in name
-    return model.train()
+    return norms_in_input_dtype(model).train()
 
 
 def spec_hidden(text: list[int], grids: list[list[int]], shapes: list[tuple[int, int]], modality: str, stride: int):
@@ -110,6 +108,19 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
     if family == "gemma3":
         side = math.isqrt(config.mm_tokens_per_image)
         return {"pixel_values": batch["pixel_values"][row : row + 1].double()}, [image], [(side, side)], 1
+    if family == "gemma4":  # the patches' (x, y), pooled k×k into tokens; the block's token types for the model
+        positions = batch["image_position_ids"][row]
+        positions = positions[(positions >= 0).all(dim=-1)]
+        pooling = config.vision_config.pooling_kernel_size
+        shape = (len(positions[:, 1].unique()) // pooling, len(positions[:, 0].unique()) // pooling)
+        token_types = torch.zeros(1, int(visible.sum()), dtype=torch.long)
+        token_types[0, image] = 1
+        inputs = {
+            "pixel_values": batch["pixel_values"][row : row + 1].double(),
+            "image_position_ids": batch["image_position_ids"][row : row + 1],
+            "mm_token_type_ids": token_types,
+        }
+        return inputs, [image], [shape], 1
     if family == "llava_next":  # the model's own anyres helpers: the stitched tiles unpadded, a newline per row
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
@@ -144,27 +155,19 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
     return inputs, [image], [(int(thw[0, 1]) // merge, int(thw[0, 2]) // merge)], patches
 
 
-def ground_truth_gradient(
-    model, inputs: dict, hidden: list[int], parameters, image: list[int] | None = None
-) -> tuple[list[torch.Tensor], int]:
-    """``image``: the positions of one bidirectional image block (Gemma 3), every pair of which may attend."""
+def ground_truth_gradient(model, inputs: dict, hidden: list[int], parameters) -> tuple[list[torch.Tensor], int]:
+    """The gradient of a copy's mean answer cross-entropy: the model run on the sequence with the ``hidden`` tokens
+    deleted, every kept token at its original position ids (:func:`~tests.helpers.deleting`)."""
     length = inputs["input_ids"].shape[1]
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()
-    for query in image or []:
-        for key in image:
-            allowed[query, key] = True
-    for position in hidden:
-        allowed[:, position] = False
-        allowed[position, position] = True
-    mask = torch.zeros(length, length, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
-    kwargs = {**inputs, "attention_mask": mask[None, None]}
+    kwargs = dict(inputs)
     kwargs.setdefault("position_ids", torch.arange(length)[None])
     labels = kwargs.pop("labels")
-    logits = model(**kwargs).logits  # float64 (HF's own loss would take its cross-entropy in float32)
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)  # mean over answers
-    return list(torch.autograd.grad(loss, parameters, allow_unused=False)), int(
-        (inputs["labels"][:, 1:] != -100).sum()
-    )
+    keep = kept_positions(length, hidden)
+    with deleting(model, keep):  # without a cache, as in training; float64 (HF's own loss: float32)
+        logits = model(**kwargs, use_cache=False).logits
+    kept_labels = labels[0, keep]
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], kept_labels[1:], ignore_index=-100)  # mean over answers
+    return list(torch.autograd.grad(loss, parameters, allow_unused=False)), int((labels[:, 1:] != -100).sum())
 
 
 def flat(gradients: list[torch.Tensor]) -> torch.Tensor:
@@ -194,21 +197,18 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         extra, grids, grid, used = truth_layout(family, config, batch, row, visible, image, pixel_offset)
         pixel_offset += used
         layouts.append((len(grids), grid))
-        bidirectional = image if family in BIDIRECTIONAL_IMAGES else None
         inputs = {"input_ids": ids[None], "labels": batch["labels"][row][visible][None], **extra}
+        if "token_type_ids" in batch:  # Gemma 3 builds its bidirectional image blocks from them
+            inputs["token_type_ids"] = batch["token_type_ids"][row][visible][None]
         encoded = tokenizer.encode(post.text, add_special_tokens=False)
         start = next(i for i in range(len(ids)) if ids[i : i + len(encoded)].tolist() == encoded)
         text = list(range(start, start + len(encoded)))
         gradients, n_tokens = {}, 0
-        gradients["original"], n_tokens = ground_truth_gradient(
-            truth_model, inputs, [], truth_parameters, bidirectional
-        )
+        gradients["original"], n_tokens = ground_truth_gradient(truth_model, inputs, [], truth_parameters)
         for modality, state in zip(("text", "image"), STRIDES[row], strict=True):
             if state.stride > 1:
                 hidden = spec_hidden(text, grids, grid, modality, state.stride)
-                gradients[modality], _ = ground_truth_gradient(
-                    truth_model, inputs, hidden, truth_parameters, bidirectional
-                )
+                gradients[modality], _ = ground_truth_gradient(truth_model, inputs, hidden, truth_parameters)
         cosines = {
             name: float(torch.nn.functional.cosine_similarity(flat(gradients["original"]), flat(g), dim=0))
             for name, g in gradients.items()
@@ -216,7 +216,7 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         }
         truth.append((gradients, n_tokens, cosines))
 
-    if family == "qwen3vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
         assert all(rows != cols for _, [(rows, cols)] in layouts), layouts  # non-square merged grids
     if family == "internvl":
         assert all(tiles > 1 for tiles, _ in layouts), layouts  # tiles plus a thumbnail
@@ -246,9 +246,11 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
     config = StepConfig(modalities=["text", "image"], thresholds=thresholds)
     batch_for_plugin = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
     samples = BatchSplitter(model.config, tokenizer).split(batch_for_plugin, [0, 1, 2])
-    mask = family_for(model.config.model_type).reference_mask_builder(model)
+    family_of_model = family_for(model.config.model_type)
+    mask, removal = family_of_model.reference_mask_builder(model), family_of_model.token_removal(model)
     outcomes = [
-        reference_sample_step(model, parameters, s, state, config, total_tokens, torch.bool, 0, mask) for s in samples
+        reference_sample_step(model, parameters, s, state, config, total_tokens, torch.bool, 0, mask, removal)
+        for s in samples
     ]
 
     for outcome, (_, n_tokens, cosines) in zip(outcomes, truth, strict=True):
@@ -264,24 +266,65 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         torch.testing.assert_close(parameter.grad, reference, rtol=1e-7, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_hidden_tokens_do_not_influence_the_loss(family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
-    """Perturbing a hidden token's embedding leaves a masked copy's loss unchanged; perturbing a kept one does not."""
-    from aimkp_plugin.method.step import masked_inputs
-    from aimkp_plugin.method.variants import hidden_for, summed_cross_entropy
-
+def split_sample(family: str, tiny_models: dict, workspace: Path, tmp_path: Path, size: int = 1):
+    """The float64 model and the last sample of a real LLaMA-Factory batch of ``size``."""
     template, images = FAMILIES[family]
-    batch, tokenizer = llamafactory_batch(
-        tiny_models[family], template, cmkp_workspace, tmp_path, size=1, images=images
-    )
+    batch, tokenizer = llamafactory_batch(tiny_models[family], template, workspace, tmp_path, size=size, images=images)
     model = load_model(tiny_models[family], "sdpa").eval()
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
-    sample = BatchSplitter(model.config, tokenizer).split(batch, [0])[0]
+    return model, BatchSplitter(model.config, tokenizer).split(batch, list(range(size)))[-1]
+
+
+def plugin_copy_logits(model, sample, hidden: list[int]) -> torch.Tensor:
+    """The reference step's logits of a copy at its kept tokens ``(K, V)``."""
+    from aimkp_plugin.method.step import copy_logits
+
+    family = family_for(model.config.model_type)
+    mask, removal = family.reference_mask_builder(model), family.token_removal(model)
+    with torch.no_grad():
+        logits, _ = copy_logits(model, sample, hidden, torch.bool, mask, removal)
+    if removal is not None:
+        return logits[0]
+    return logits[0, kept_positions(logits.shape[1], hidden)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_copy_logits_equal_the_model_on_the_sequence_with_the_hidden_tokens_deleted(
+    family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """The spec's definition of a copy (step 4): at every kept token, the reference step's logits equal one forward
+    pass of the model on the sequence with the hidden tokens deleted and the kept tokens at their original position
+    ids (float64, 1e-10). Attention masking gives that for pure-attention models; Qwen3.5's linear-attention layers
+    need the tokens removed."""
+    from aimkp_plugin.method.variants import hidden_for
+
+    model, sample = split_sample(family, tiny_models, cmkp_workspace, tmp_path)
+    inputs = {key: value for key, value in sample.model_inputs.items() if key != "labels"}
+    length = inputs["input_ids"].shape[1]
+    inputs.setdefault("position_ids", torch.arange(length)[None])  # (Gemma 3's token_type_ids are among them)
+    for modality in ("text", "image"):
+        hidden = hidden_for(sample.spans, modality, 2)
+        assert hidden
+        with torch.no_grad(), deleting(model, kept_positions(length, hidden)):
+            deleted = model(**inputs, use_cache=False).logits[0]
+        torch.testing.assert_close(plugin_copy_logits(model, sample, hidden), deleted, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hidden_tokens_do_not_influence_the_kept_tokens(
+    family: str, size: int, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+):
+    """Perturbing a hidden token's input embedding moves no kept token's logits (1e-10); perturbing a kept one does.
+    The sample comes from a batch of ``size`` (the second of two carries the first's padding until it is split)."""
+    from aimkp_plugin.method.variants import hidden_for
+
+    model, sample = split_sample(family, tiny_models, cmkp_workspace, tmp_path, size)
     for modality in ("text", "image"):
         hidden = hidden_for(sample.spans, modality, 2)
         span = sample.spans.text if modality == "text" else sample.spans.image_positions
         kept = [position for position in span if position not in hidden]
-        losses = []
+        logits = []
         for position in (None, hidden[0], kept[0]):
             handle = None
             if position is not None:  # perturb what the LLM receives (image positions hold the vision features)
@@ -292,14 +335,13 @@ def test_hidden_tokens_do_not_influence_the_loss(family: str, tiny_models: dict,
                     return args, {**kwargs, "inputs_embeds": embeds}
 
                 handle = model.model.language_model.register_forward_pre_hook(perturb, with_kwargs=True)
-            with torch.no_grad():
-                mask = family_for(model.config.model_type).reference_mask_builder(model)
-                logits = model(**masked_inputs(sample, hidden, torch.bool, mask)).logits
-            losses.append(float(summed_cross_entropy(logits, sample.labels)))
-            if handle is not None:
-                handle.remove()
-        assert losses[1] == pytest.approx(losses[0], abs=1e-10), modality
-        assert abs(losses[2] - losses[0]) > 1e-6, modality
+            try:
+                logits.append(plugin_copy_logits(model, sample, hidden))
+            finally:
+                if handle is not None:
+                    handle.remove()
+        torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-10, msg=modality)
+        assert (logits[2] - logits[0]).abs().max() > 1e-6, modality
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +428,7 @@ def test_resume_from_a_checkpoint_without_state_fails_clearly(tmp_path: Path) ->
         AimkpCallback(AimkpArguments(aimkp=True), ["a"]).restore(str(tmp_path))
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2vl", "internvl", "gemma3", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl", "gemma3", "llava_next"])
 def test_image_that_does_not_fit_the_family_layout_is_an_error(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
@@ -399,7 +441,7 @@ def test_image_that_does_not_fit_the_family_layout_is_an_error(
     template, images = FAMILIES[family]
     batch, tokenizer = llamafactory_batch(tiny_models[family], template, cmkp_workspace, tmp_path, 1, images)
     config = AutoConfig.from_pretrained(tiny_models[family])
-    if family == "qwen2vl":
+    if family == "qwen2_vl":
         batch["image_grid_thw"] = batch["image_grid_thw"] * torch.tensor([[1, 2, 1]])
         expected = r"training sample 7, image 1: the qwen2_vl model family .* 4 image tokens, but image_grid_thw"
     else:

@@ -111,7 +111,7 @@ def test_instruction_is_configurable_per_dataset(tiny_models: dict, cmkp_workspa
 
 def test_qwen2vl_tokenizes_the_cmkp_prompt(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path) -> None:
     train, tokenizer = load_through_llamafactory(
-        tiny_models["qwen2vl"], "qwen2_vl", cmkp_workspace, "raw_test", tmp_path
+        tiny_models["qwen2_vl"], "qwen2_vl", cmkp_workspace, "raw_test", tmp_path
     )
     text = tokenizer.decode(train[0]["input_ids"])
     assert (

@@ -154,12 +154,12 @@ def test_input_setting_shapes_the_prompt(setting: str, tiny_models: dict, cmkp_w
     assert DEFAULT_INSTRUCTION in text
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_predict_in_three_settings_and_score(family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
     """The shipped predict recipes' setting key, on the tiny model: each setting predicts and scores."""
     from .conftest import run_llamafactory
 
-    template = {"llava": "llava", "qwen2vl": "qwen2_vl"}[family]
+    template = {"llava": "llava", "qwen2_vl": "qwen2_vl"}[family]
     for setting in ("full", "text_only", "image_only"):
         out = tmp_path / setting
         config = {

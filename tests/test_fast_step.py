@@ -28,6 +28,7 @@ from aimkp_plugin.method.step import reference_sample_step
 from aimkp_plugin.method.types import StepConfig
 
 from .conftest import run_llamafactory
+from .helpers import FAMILY_BY_NAME, images_of, norms_in_input_dtype, qwen3_5_moe_model, template_of
 from .test_aimkp_step import FAMILIES, llamafactory_batch
 from .test_aimkp_training import aimkp_config, assert_same_adapter, read_state
 
@@ -39,7 +40,8 @@ STRIDES = [  # (text, image) per sample: both masked; frozen image; text only; i
     (ModalityState(4), ModalityState(1)),
     (ModalityState(1), ModalityState(8)),
 ]
-LANGUAGE_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# attention, MLP, and Qwen3.5's Gated DeltaNet projections
+LANGUAGE_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj_\w+|out_proj)"
 
 
 def lora_model(
@@ -52,7 +54,9 @@ def lora_model(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.float64, attn_implementation="sdpa", experts_implementation="eager"
+    )
     projector = family_for(model.config.model_type).projector.split(".")[-1]  # multi_modal_projector, merger
     config = LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LANGUAGE_LINEAR, init_lora_weights=False
@@ -63,6 +67,7 @@ def lora_model(
         for name, parameter in model.named_parameters():
             if "vision_tower" in name or ".visual." in name:
                 parameter.requires_grad = True
+    norms_in_input_dtype(model)  # Gemma's float32 norms would round the two steps' float64 sums apart
     if checkpointing:  # as LLaMA-Factory's loader does: its wrapper checkpoints only layers with trained parameters
         from types import MethodType
 
@@ -91,9 +96,11 @@ def run_reference(model, samples, config: StepConfig, tokens: float):
     model.zero_grad(set_to_none=True)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     state = fresh_state()
-    mask = family_for(model.config.model_type).reference_mask_builder(model)
+    family = family_for(model.config.model_type)
+    mask, removal = family.reference_mask_builder(model), family.token_removal(model)
     outcomes = [
-        reference_sample_step(model, parameters, s, state, config, tokens, torch.bool, 0, mask) for s in samples
+        reference_sample_step(model, parameters, s, state, config, tokens, torch.bool, 0, mask, removal)
+        for s in samples
     ]
     return outcomes, state, [parameter.grad.clone() for parameter in parameters]
 
@@ -111,18 +118,29 @@ def summary(outcomes) -> list:
 
 
 @pytest.fixture(
-    scope="module", params=[*FAMILIES, "llava-checkpointing", "llava-vision", "qwen3vl-vision", "gemma3-window"]
+    scope="module",
+    params=[
+        *FAMILIES,
+        "llava-checkpointing",
+        "qwen3_5-checkpointing",
+        "llava-vision",
+        "llava-vision-checkpointing",
+        "qwen3_vl-vision",
+        "qwen3_5-moe",
+        "gemma3-window",
+    ],
 )
 def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
     family = request.param.split("-")[0]
     template, images = FAMILIES[family]
+    path = tiny_models[family]
+    if request.param == "qwen3_5-moe":  # Qwen3.5's MoE sizes: the qwen3_5 family's second model type
+        path = qwen3_5_moe_model(path, tmp_path_factory.mktemp("qwen3_5_moe") / "model")
     batch, tokenizer = llamafactory_batch(
-        tiny_models[family], template, cmkp_workspace, tmp_path_factory.mktemp(family), size=BATCH, images=images
+        path, template, cmkp_workspace, tmp_path_factory.mktemp(family), size=BATCH, images=images
     )
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
-    model = lora_model(
-        tiny_models[family], family, checkpointing="checkpointing" in request.param, vision="vision" in request.param
-    )
+    model = lora_model(path, family, checkpointing="checkpointing" in request.param, vision="vision" in request.param)
     if "window" in request.param:  # Gemma 3's sliding layers see 8 positions back: shorter than every sequence
         model.config.get_text_config().sliding_window = 8
     samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(BATCH)))
@@ -148,7 +166,8 @@ def test_fast_step_equals_the_reference_step(case) -> None:
         assert fast.updates == reference.updates
     assert state.to_dict() == expected_state.to_dict()
     names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-    assert any("merger" in n or "multi_modal_projector" in n for n in names) and any("lm_head" in n for n in names)
+    projector = family_for(model.config.model_type).projector.split(".")[-1]
+    assert any(projector in n for n in names) and any("lm_head" in n for n in names)
     for name, fast_grad, reference_grad in zip(names, grads, expected_grads, strict=True):
         torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-9, atol=1e-13, msg=name)
 
@@ -210,6 +229,11 @@ def test_shared_prefix_gives_the_same_result(case, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(fast_step, "sharing_prefixes", counted)
     model, samples, config, tokens = case
+    if layout_of(model).family.removes_hidden_tokens:  # linear attention reads the sequence in order: no tree mask
+        with pytest.raises(FastStepUnsupportedError, match="mixes them outside attention"):
+            run_fast(model, samples, config, tokens, share_prefix=True)
+        assert packed == []
+        return
     apart, _, _, apart_grads = run_fast(model, samples, config, tokens, share_prefix=False)
     assert packed == []
     outcomes, left, _, grads = run_fast(model, samples, config, tokens, share_prefix=True)
@@ -382,7 +406,9 @@ def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> No
 
 def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None:
     """When the text span runs up to the answer, the reference predicts the first answer token from a hidden token;
-    the fast step hands such a sample to the reference step, and the sum is still the all-reference result."""
+    the fast step hands such a sample to the reference step, and the sum is still the all-reference result. Where
+    hidden tokens are removed (Qwen3.5), both steps predict it from the kept token before, and the fast step keeps
+    the sample."""
     model, samples, config, tokens = case
     labels = samples[0].labels[0].tolist()
     answer_start = next(index for index, label in enumerate(labels) if label != -100)
@@ -393,10 +419,14 @@ def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None
     _, _, expected_grads = run_reference(model, changed, config, tokens)
 
     outcomes, left, state, _ = run_fast(model, changed, config, tokens)
-    assert left == [0] and [outcome.index for outcome in outcomes] == [1, 2, 3]
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    mask = family_for(model.config.model_type).reference_mask_builder(model)
-    reference_sample_step(model, parameters, changed[0], state, config, tokens, torch.bool, 0, mask)
+    family = family_for(model.config.model_type)
+    if family.removes_hidden_tokens:
+        assert left == [] and [outcome.index for outcome in outcomes] == [0, 1, 2, 3]
+    else:
+        assert left == [0] and [outcome.index for outcome in outcomes] == [1, 2, 3]
+        mask = family.reference_mask_builder(model)
+        reference_sample_step(model, parameters, changed[0], state, config, tokens, torch.bool, 0, mask)
     for parameter, expected in zip(parameters, expected_grads, strict=True):
         torch.testing.assert_close(parameter.grad, expected, rtol=1e-9, atol=1e-13)
 
@@ -414,8 +444,21 @@ def test_uncovered_trainable_parameters_are_named(tiny_models: dict) -> None:
 TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
 
 
-@pytest.mark.parametrize("setup", list(TRAINING_SETUPS))
-@pytest.mark.parametrize("family", ["llava", "qwen2vl", "qwen3vl", "internvl", "gemma3", "llava_next"])
+# every setup on the families with a layout of their own; batch 4 (padded rows, accumulation of a whole micro-batch)
+# on the rest
+FIVE_STEP_RUNS = [
+    (family, setup)
+    for family in FAMILIES
+    if family != "qwen2_5_vl"
+    for setup in (
+        TRAINING_SETUPS
+        if family in ("llava", "qwen2_vl", "qwen3_vl", "internvl", "gemma3", "llava_next")
+        else ["batch4"]
+    )
+]
+
+
+@pytest.mark.parametrize(("family", "setup"), FIVE_STEP_RUNS)
 def test_five_optimizer_steps_match_the_reference(
     family: str, setup: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
@@ -450,6 +493,8 @@ def test_five_optimizer_steps_match_the_reference(
         assert result.returncode == 0, result.stdout[-4000:]
     assert "reference step runs instead" not in results["fast"].stdout
     shared = "computed per copy, aimkp_fast_share_prefix: False" if setup == "batch1" else "computed once"
+    if FAMILY_BY_NAME[family].removes_hidden_tokens:
+        shared = "computed per copy"
     assert f"the text copies' shared prefix {shared}" in results["fast"].stdout
     assert_same_adapter(outputs["reference"], outputs["fast"], rtol=1e-5)
     reference_state, fast_state = read_state(outputs["reference"]), read_state(outputs["fast"])
@@ -468,3 +513,32 @@ def test_run_with_uncovered_parameters_warns_and_trains_with_the_reference(
     assert "aimkp_impl: fast cannot run this model" in result.stdout
     assert "embed_tokens" in result.stdout and "the reference step runs instead" in result.stdout
     assert read_state(tmp_path / "out")["text_stride"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_plain_sft_loss_of_the_moe_families_has_no_router_term(
+    family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """The MoE families' router auxiliary loss is left out of the AimKP step because plain SFT leaves it out too:
+    with the config's ``output_router_logits`` on and a large ``router_aux_loss_coef`` (what LLaMA-Factory's
+    ``moe_aux_loss_coef`` sets where it sets anything), the forward call LLaMA-Factory's trainer makes returns the
+    answer cross-entropy alone; only a call that asks for router logits adds the term. Should transformers add it by
+    default one day, this test fails, and the AimKP step must add it as plain SFT would."""
+    from transformers import AutoModelForImageTextToText
+
+    base = "qwen3_5" if family == "qwen3_5_moe" else family
+    path = tiny_models[base] if base == family else qwen3_5_moe_model(tiny_models[base], tmp_path / "moe")
+    batch, _ = llamafactory_batch(path, template_of(base), cmkp_workspace, tmp_path, size=2, images=images_of(base))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64, experts_implementation="eager")
+    text_config = model.config.get_text_config()
+    text_config.output_router_logits, text_config.router_aux_loss_coef = True, 0.5
+    inputs = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
+    labels = inputs.pop("labels")
+    with torch.no_grad():
+        output = model(**inputs, labels=labels)
+        asked = model(**inputs, labels=labels, output_router_logits=True).loss
+    cross_entropy = torch.nn.functional.cross_entropy(
+        output.logits[:, :-1].reshape(-1, output.logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    assert float(output.loss) == pytest.approx(float(cross_entropy), rel=1e-6)
+    assert float(asked) - float(cross_entropy) > 1e-3  # the term exists, when asked for

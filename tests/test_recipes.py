@@ -19,7 +19,18 @@ RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
 def test_all_expected_recipes_exist() -> None:
     names = {path.relative_to(REPO / "recipes").as_posix() for path in RECIPES}
-    for family in ("llava", "qwen2vl", "qwen2_5vl", "qwen3vl", "internvl", "gemma3", "llava_next"):
+    families = (
+        "llava",
+        "qwen2vl",
+        "qwen2_5vl",
+        "qwen3vl",
+        "qwen3_vl_moe",
+        "qwen3_5",
+        "internvl",
+        "gemma3",
+        "llava_next",
+    )
+    for family in families:
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names
         assert {f"predict_{family}_text_only.yaml", f"predict_{family}_image_only.yaml"} <= names
     assert {"demo/demo_llava_train.yaml", "demo/demo_llava_predict.yaml"} <= names

@@ -44,24 +44,35 @@ def test_llava_576_has_the_real_24x24_grid_and_stays_small(cmkp_workspace: Path,
     assert train[0]["input_ids"].count(image_id) == 576 == 24 * 24
 
 
-def test_every_tiny_model_is_small() -> None:
-    assert set(TINY_MODELS) == {
-        "llava",
-        "llava-576",
-        "qwen2vl",
-        "qwen2_5vl",
-        "qwen3vl",
-        "internvl",
-        "internvl-448",
-        "gemma3",
-        "llava_next",
-    }
+def test_every_tiny_model_is_small_and_each_family_has_one_of_its_name() -> None:
+    from aimkp_plugin.families import FAMILIES
+    from aimkp_plugin.models.tiny import TINY_ALIASES, tiny_spec
+
+    assert {family.name for family in FAMILIES} <= set(TINY_MODELS)
+    assert set(TINY_MODELS) - {family.name for family in FAMILIES} == {"llava-576", "internvl-448"}
+    for alias, name in TINY_ALIASES.items():  # the earlier names keep working
+        assert tiny_spec(alias) is TINY_MODELS[name]
     for spec in TINY_MODELS.values():
-        assert spec.hidden_size <= 64 and spec.num_layers <= 2
+        assert spec.hidden_size <= 64 and spec.num_layers <= 4  # Qwen3.5: three linear-attention layers and one full
 
 
-def test_tiny_qwen2_5vl_trains(cmkp_workspace: Path, tmp_path: Path, llamafactory_runner) -> None:
-    path = build_tiny_model("qwen2_5vl", TINY_DIR / "qwen2_5vl")
+def test_every_projector_weight_is_random(tiny_models: dict) -> None:
+    """No weight matrix of a tiny model's projector is all zeros (transformers initialises some to zero, and image
+    features of 0 would hide where image content lands)."""
+    from safetensors.torch import load_file
+
+    from aimkp_plugin.families import FAMILIES
+
+    for family in FAMILIES:
+        weights = load_file(tiny_models[family.name] / "model.safetensors")
+        projector = {name: tensor for name, tensor in weights.items() if f".{family.projector}." in f".{name}"}
+        assert projector, family.name
+        for name, tensor in projector.items():
+            assert tensor.dim() < 2 or tensor.float().std() > 0, f"{family.name}: {name} is constant"
+
+
+def test_tiny_qwen2_5vl_trains(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner) -> None:
+    path = tiny_models["qwen2_5_vl"]
     config = tiny_train_config(path, "qwen2_vl", cmkp_workspace, tmp_path / "out", max_steps=2)
     result = llamafactory_runner(config)
     assert result.returncode == 0, result.stdout[-4000:]

@@ -58,7 +58,9 @@ def test_demo_recipes_train_and_predict_on_tiny_llava(tiny_models: dict, tmp_pat
 
 def test_tiny_qwen2vl_trains_on_cmkp(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner):
     out = tmp_path / "out"
-    config = tiny_train_config(tiny_models["qwen2vl"], "qwen2_vl", cmkp_workspace, out, dataset="raw_train,json_valid")
+    config = tiny_train_config(
+        tiny_models["qwen2_vl"], "qwen2_vl", cmkp_workspace, out, dataset="raw_train,json_valid"
+    )
     result = llamafactory_runner(config)
     assert result.returncode == 0, result.stdout[-4000:]
     assert len(trainer_losses(out)) == 3 and (out / "adapter_model.safetensors").is_file()
@@ -91,6 +93,27 @@ def test_aimkp_true_rejects_a_model_without_image_input(cmkp_workspace: Path, tm
     assert result.returncode != 0
     assert "AimkpConfigError" in result.stdout and "needs a model with image input" in result.stdout
     assert "model_type llama" in result.stdout
+
+
+def test_aimkp_true_refuses_an_image_model_type_outside_the_family_table_before_loading(
+    cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    """An image-text model no family module describes (here a config-only Idefics3 folder, with no weights to load)
+    stops before loading, naming the model type, the supported ones and the reason."""
+    folder = tmp_path / "idefics3"
+    folder.mkdir()
+    config_json = {
+        "model_type": "idefics3",
+        "architectures": ["Idefics3ForConditionalGeneration"],
+        "vision_config": {},
+    }
+    (folder / "config.json").write_text(json.dumps(config_json))
+    config = tiny_train_config(folder, "default", cmkp_workspace, tmp_path / "out", aimkp=True)
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert "AimkpConfigError" in result.stdout and "does not support model_type idefics3" in result.stdout
+    assert "Supported model types: llava, qwen2_vl" in result.stdout and "qwen3_5" in result.stdout
+    assert "whether its layers mix tokens outside attention" in result.stdout
 
 
 def test_bad_value_on_the_command_line_is_rejected(
@@ -137,7 +160,7 @@ def test_qwen2vl_training_with_generation_is_rejected_before_loading(
 ):
     """LLaMA-Factory builds the training collator without the model under predict_with_generate: no m-rope."""
     config = tiny_train_config(
-        tiny_models["qwen2vl"],
+        tiny_models["qwen2_vl"],
         "qwen2_vl",
         cmkp_workspace,
         tmp_path / "out",

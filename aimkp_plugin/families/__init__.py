@@ -8,13 +8,17 @@ reference step). To add a family, write its module (see ``llava.py`` for the sma
 
 from __future__ import annotations
 
-from .base import FamilyDescription, GenericFamily, ImageLayoutError, ModelFamily
+from .base import FamilyDescription, GenericFamily, ImageLayoutError, LlavaStyleFamily, ModelFamily
 from .gemma3 import Gemma3Family
+from .gemma4 import Gemma4Family
+from .glm4v import Glm4vFamily
 from .internvl import InternVLFamily
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .qwen2_vl import Qwen25VLFamily, QwenVLFamily
+from .qwen3_5 import Qwen35Family
 from .qwen3_vl import Qwen3VLFamily
+from .qwen3_vl_moe import Qwen3VLMoeFamily
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -22,8 +26,12 @@ FAMILIES: tuple[ModelFamily, ...] = (
     QwenVLFamily(),
     Qwen25VLFamily(),
     Qwen3VLFamily(),
+    Qwen3VLMoeFamily(),
+    Qwen35Family(),
     InternVLFamily(),
     Gemma3Family(),
+    Gemma4Family(),
+    Glm4vFamily(),
     LlavaNextFamily(),
 )
 FAMILY_TABLE: dict[str, ModelFamily] = {model_type: family for family in FAMILIES for model_type in family.model_types}
@@ -41,6 +49,7 @@ __all__ = [
     "FamilyDescription",
     "GenericFamily",
     "ImageLayoutError",
+    "LlavaStyleFamily",
     "ModelFamily",
     "family_for",
 ]

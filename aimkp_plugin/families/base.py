@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from ..method.fast_step import ImageFeatures
+from ..method.fast_step import ImageFeatures, base_model_of
+from ..method.step import TokenRemoval
 from ..method.types import ImageSpan, SampleInputs, TokenGrid
 
 
@@ -52,7 +53,11 @@ class FamilyDescription:
 
 
 class ModelFamily:
-    """A model family: override what differs from LLaVA-style models (one image token per feature row, 1-D rope)."""
+    """What every model family answers. The defaults hold for any Hugging Face image-text model: the config's image
+    token id, one ``pixel_values`` row per image, 1-D positions, ``get_decoder().layers``, and the whole model called
+    with ``inputs_embeds``. What differs from model to model has no default: the image grids, the parameters that
+    produce the image features and how the images are encoded (:class:`LlavaStyleFamily` answers those two for
+    LLaVA-like models)."""
 
     name: ClassVar[str] = "generic"
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -64,6 +69,9 @@ class ModelFamily:
     per_image_keys: ClassVar[tuple[str, ...]] = ()  # batch keys with one row per image (e.g. image_grid_thw)
     per_token_keys: ClassVar[tuple[str, ...]] = ()  # batch keys shaped like input_ids (e.g. token_type_ids)
     custom_attention: ClassVar[bool] = False  # True: attention is not plain causal (reference_attention_mask)
+    # True: the model mixes tokens outside attention (linear attention, convolutions), where a masked token still
+    # moves the state; a copy then runs with its hidden tokens removed from the sequence (language_inputs_kept)
+    removes_hidden_tokens: ClassVar[bool] = False
     has_fast_step: ClassVar[bool] = True
     tiny_models: ClassVar[tuple[TinyModelSpec, ...]] = ()
 
@@ -108,6 +116,13 @@ class ModelFamily:
         family with ``custom_attention``; None (the method core's causal mask) otherwise."""
         return functools.partial(self.reference_attention_mask, model) if self.custom_attention else None
 
+    def token_removal(self, model: nn.Module) -> TokenRemoval | None:
+        """How the reference step removes a copy's hidden tokens, for a family with ``removes_hidden_tokens``; None
+        (hidden by the attention mask) otherwise."""
+        if not self.removes_hidden_tokens:
+            return None
+        return TokenRemoval(self.language_model(model), self.language_inputs_kept)
+
     def run_problems(self, model_config: dict[str, Any], setting: Callable[[str], Any]) -> list[str]:
         """Settings of a run that AimKP cannot be exact with for this family, each naming the setting and the fix;
         checked before the model loads. ``setting(name)`` reads the run's config."""
@@ -116,24 +131,13 @@ class ModelFamily:
     # ------------------------------------------------------------------ the fast step
 
     def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """The vision tower's and the projector's parameters (LLaVA-style models)."""
-        return [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+        """Every parameter upstream of the image features (vision tower, projector, and whatever else feeds them)."""
+        raise NotImplementedError(f"the {self.name} family does not say which parameters produce its image features")
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
-        """LLaVA-style: ``get_image_features`` with the config's feature layer and selection strategy (and the
-        per-image keys), one feature row per image token, images in order."""
-        stacked = stacked_pixel_values(samples, *self.per_image_keys)
-        if stacked is None:
-            return None
-        output = model.model.get_image_features(
-            pixel_values=stacked[0],
-            **dict(zip(self.per_image_keys, stacked[1:], strict=True)),
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        )
-        return ImageFeatures(
-            torch.cat([features.reshape(-1, features.shape[-1]) for features in output.pooler_output])
-        )
+        """The image features of every image of ``samples``, one row per image token, images in order (None when
+        no sample has an image)."""
+        raise NotImplementedError(f"the {self.name} family does not say how its images are encoded")
 
     def position_ids(self, sample: SampleInputs) -> torch.Tensor:
         """``0..L-1`` as ``(1, L)``: 1-D rope."""
@@ -163,6 +167,16 @@ class ModelFamily:
             logits_to_keep=logits_positions,
         ).logits
 
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack that receives ``inputs_embeds`` (``model.model.language_model``): where the reference
+        step removes a copy's hidden tokens for a family with ``removes_hidden_tokens`` (below a PEFT wrapper)."""
+        return base_model_of(model).model.language_model
+
+    def language_inputs_kept(self, inputs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        """The language model's keyword arguments for the kept positions ``keep`` only: ``inputs_embeds`` and every
+        row of ``position_ids`` gathered at ``keep``, no attention mask (causal over the kept tokens)."""
+        return keep_positions(inputs, keep)
+
     # ------------------------------------------------------------------ tiny models
 
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
@@ -189,6 +203,47 @@ def stacked_pixel_values(samples: Sequence[SampleInputs], *keys: str) -> tuple[t
     if not with_images:
         return None
     return tuple(torch.cat([inputs[key] for inputs in with_images]) for key in ("pixel_values", *keys))
+
+
+def keep_positions(inputs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    """``inputs`` (a language model's keyword arguments for one sequence) at the positions ``keep``:
+    ``inputs_embeds`` ``(1, L, D)`` and ``position_ids`` ``(..., 1, L)`` gathered along the sequence, and a 2-D
+    attention mask of ones (every kept token visible, causally). The mask must be given: without one and without a
+    cache, transformers reads a jump in the position ids as the start of another packed sequence and masks across it.
+    """
+    embeds = inputs["inputs_embeds"]
+    kept = dict(inputs)
+    kept["inputs_embeds"] = embeds[:, keep.to(embeds.device)]
+    positions = inputs.get("position_ids")
+    if positions is not None:
+        kept["position_ids"] = positions[..., keep.to(positions.device)]
+    kept["attention_mask"] = torch.ones(1, len(keep), dtype=torch.long, device=embeds.device)
+    return kept
+
+
+class LlavaStyleFamily(ModelFamily):
+    """LLaVA-like models: a ``vision_tower`` and a ``multi_modal_projector`` under ``model.model``, images encoded by
+    ``get_image_features`` with the config's feature layer and selection strategy."""
+
+    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The vision tower's and the projector's parameters."""
+        return [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+
+    def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
+        """``get_image_features`` with the config's feature layer and selection strategy (and the per-image keys),
+        one feature row per image token, images in order."""
+        stacked = stacked_pixel_values(samples, *self.per_image_keys)
+        if stacked is None:
+            return None
+        output = model.model.get_image_features(
+            pixel_values=stacked[0],
+            **dict(zip(self.per_image_keys, stacked[1:], strict=True)),
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        )
+        return ImageFeatures(
+            torch.cat([features.reshape(-1, features.shape[-1]) for features in output.pooler_output])
+        )
 
 
 class GenericFamily(ModelFamily):

@@ -25,8 +25,8 @@ from ..config import is_true
 from ..method.fast_step import ImageFeatures
 from ..method.masking import as_attention_mask, hide_positions
 from ..method.types import SampleInputs, TokenGrid
-from ..models.building import TinyModelSpec, local_tokenizer, save_tiny
-from .base import FamilyDescription, ImageLayoutError, ModelFamily, attention_mask_dtype, stacked_pixel_values
+from ..models.building import TinyModelSpec, fill_zero_weights, local_tokenizer, save_tiny
+from .base import FamilyDescription, ImageLayoutError, LlavaStyleFamily, attention_mask_dtype, stacked_pixel_values
 
 
 # pad/eos/bos/unk get ids 0/1/2/3, as in the real Gemma tokenizer (and Gemma3TextConfig's defaults)
@@ -95,7 +95,7 @@ def gemma3_allowed(
     return allowed[:, None]
 
 
-class Gemma3Family(ModelFamily):
+class Gemma3Family(LlavaStyleFamily):
     name = "gemma3"
     model_types = ("gemma3",)
     templates = ("gemma3",)
@@ -249,6 +249,7 @@ class Gemma3Family(ModelFamily):
             tie_word_embeddings=False,
         )
         model = Gemma3ForConditionalGeneration(config)
+        fill_zero_weights(model.model.multi_modal_projector)
         model.generation_config.pad_token_id = vocab["<pad>"]
         model.generation_config.eos_token_id = [vocab["<eos>"], vocab["<end_of_turn>"]]
         image_processor = Gemma3ImageProcessor(

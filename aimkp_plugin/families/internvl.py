@@ -20,7 +20,7 @@ import torch
 
 from ..method.types import TokenGrid
 from ..models.building import TinyModelSpec, local_tokenizer, save_tiny
-from .base import FamilyDescription, ImageLayoutError, ModelFamily
+from .base import FamilyDescription, ImageLayoutError, LlavaStyleFamily
 
 
 TINY_SPECIAL_TOKENS = (
@@ -57,7 +57,7 @@ def internvl_tokenizer(spec: TinyModelSpec) -> Any:
     )
 
 
-class InternVLFamily(ModelFamily):
+class InternVLFamily(LlavaStyleFamily):
     name = "internvl"
     model_types = ("internvl",)
     templates = ("intern_vl",)

@@ -24,10 +24,10 @@ from ..models.building import (
     llava_tokenizer,
     save_llava_style,
 )
-from .base import FamilyDescription, ImageLayoutError, ModelFamily
+from .base import FamilyDescription, ImageLayoutError, LlavaStyleFamily
 
 
-class LlavaFamily(ModelFamily):
+class LlavaFamily(LlavaStyleFamily):
     name = "llava"
     model_types = ("llava",)
     templates = ("llava",)

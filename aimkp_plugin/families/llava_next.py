@@ -31,7 +31,7 @@ from ..models.building import (
     llava_tokenizer,
     save_llava_style,
 )
-from .base import FamilyDescription, ImageLayoutError, ModelFamily
+from .base import FamilyDescription, ImageLayoutError, LlavaStyleFamily
 
 
 PINPOINT_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # llava-v1.6's pinpoints, in tiles (rows, cols)
@@ -77,7 +77,7 @@ def anyres_grids(image_size: tuple[int, int], config: Any) -> tuple[list[TokenGr
     return [TokenGrid(g, g, tuple(range(base))), TokenGrid(rows, cols, high_res)], newlines
 
 
-class LlavaNextFamily(ModelFamily):
+class LlavaNextFamily(LlavaStyleFamily):
     name = "llava_next"
     model_types = ("llava_next",)
     templates = ("llava_next", "llava_next_mistral", "llava_next_llama3", "llava_next_qwen", "llava_next_yi")

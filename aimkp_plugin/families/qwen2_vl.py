@@ -36,7 +36,7 @@ class QwenVLFamily(ModelFamily):
         positions="3-D m-rope: the collator's position_ids columns",
     )
     per_image_keys = ("image_grid_thw",)
-    tiny_models = (TinyModelSpec(name="qwen2vl", family="qwen2_vl", template="qwen2_vl", vision_hidden_size=64),)
+    tiny_models = (TinyModelSpec(name="qwen2_vl", family="qwen2_vl", template="qwen2_vl", vision_hidden_size=64),)
 
     def merge_size(self, config: Any) -> int:
         return int(getattr(config.vision_config, "spatial_merge_size", 2) or 2)
@@ -149,7 +149,7 @@ class QwenVLFamily(ModelFamily):
 class Qwen25VLFamily(QwenVLFamily):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
-    tiny_models = (TinyModelSpec(name="qwen2_5vl", family="qwen2_5_vl", template="qwen2_vl", vision_hidden_size=64),)
+    tiny_models = (TinyModelSpec(name="qwen2_5_vl", family="qwen2_5_vl", template="qwen2_vl", vision_hidden_size=64),)
 
     def tiny_classes(self, spec: TinyModelSpec) -> tuple[type, type, dict[str, Any]]:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration

@@ -20,13 +20,10 @@ from torch import nn
 
 from ..method.fast_step import ImageFeatures
 from ..method.types import SampleInputs
-from ..models.building import QWEN_CHAT_TEMPLATE, TinyModelSpec, qwen_tokenizer, save_tiny
+from ..models.building import TinyModelSpec
+from ..models.tiny_qwen3 import build_qwen3_vl
 from .base import FamilyDescription, stacked_pixel_values
 from .qwen2_vl import QwenVLFamily
-
-
-TINY_MAX_PIXELS = 768 * 768  # 24 x 24 merged tokens (factor 32 = patch 16 * merge 2), as LLaVA-1.5's grid
-TINY_MIN_PIXELS = 64 * 64  # 2 x 2 merged tokens: small images stay small
 
 
 class Qwen3VLFamily(QwenVLFamily):
@@ -40,7 +37,7 @@ class Qwen3VLFamily(QwenVLFamily):
         positions="interleaved m-rope: the collator's position_ids columns",
     )
     tiny_models = (
-        TinyModelSpec(name="qwen3vl", family="qwen3_vl", template="qwen3_vl_nothink", patch_size=16, vision_layers=2),
+        TinyModelSpec(name="qwen3_vl", family="qwen3_vl", template="qwen3_vl_nothink", patch_size=16, vision_layers=2),
     )
 
     def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
@@ -73,73 +70,4 @@ class Qwen3VLFamily(QwenVLFamily):
         return model.lm_head(hidden[:, logits_positions])
 
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
-        from transformers import (
-            Qwen2VLImageProcessor,
-            Qwen3VLConfig,
-            Qwen3VLForConditionalGeneration,
-            Qwen3VLProcessor,
-            Qwen3VLVideoProcessor,
-        )
-
-        tokenizer = qwen_tokenizer(spec)
-        vocab = tokenizer.get_vocab()
-        head_dim = spec.hidden_size // spec.num_heads  # 16 -> rotary half-dim 8
-        half = head_dim // 2
-        section = max(1, half // 4)
-        text = {
-            "vocab_size": len(tokenizer),
-            "hidden_size": spec.hidden_size,
-            "intermediate_size": spec.intermediate_size,
-            "num_hidden_layers": spec.num_layers,
-            "num_attention_heads": spec.num_heads,
-            "num_key_value_heads": spec.num_heads,
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                # interleaved T/H/W frequencies ([THWTHW..TT]); the sections must sum to head_dim / 2: [4, 2, 2]
-                "mrope_section": [half - 2 * section, section, section],
-                "mrope_interleaved": True,
-            },
-            "pad_token_id": vocab["<|endoftext|>"],
-            "bos_token_id": vocab["<|endoftext|>"],
-            "eos_token_id": vocab["<|im_end|>"],
-        }
-        vision = {
-            "depth": spec.vision_layers,  # 2 blocks; DeepStack taps block 0
-            "hidden_size": spec.vision_hidden_size,
-            "intermediate_size": spec.vision_hidden_size * 2,
-            "num_heads": 2,
-            "patch_size": spec.patch_size,  # 16
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "out_hidden_size": spec.hidden_size,  # merger and deepstack mergers project into the LLM width
-            "num_position_embeddings": 144,  # a 12 x 12 learned grid, bilinearly interpolated to any image grid
-            "deepstack_visual_indexes": [0],
-        }
-        config = Qwen3VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=vocab["<|image_pad|>"],
-            video_token_id=vocab["<|video_pad|>"],
-            vision_start_token_id=vocab["<|vision_start|>"],
-            vision_end_token_id=vocab["<|vision_end|>"],
-            tie_word_embeddings=False,
-        )
-        model = Qwen3VLForConditionalGeneration(config)
-        model.generation_config.pad_token_id = vocab["<|endoftext|>"]
-        model.generation_config.eos_token_id = vocab["<|im_end|>"]
-        common = {"patch_size": spec.patch_size, "temporal_patch_size": 2, "merge_size": 2}
-        common |= {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-        image_processor = Qwen2VLImageProcessor(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, **common)
-        video_processor = Qwen3VLVideoProcessor(
-            size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS}, **common
-        )
-        processor = Qwen3VLProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=video_processor,
-            chat_template=QWEN_CHAT_TEMPLATE,
-        )
-        save_tiny(out, model, processor, tokenizer, QWEN_CHAT_TEMPLATE)
+        build_qwen3_vl(spec, out)

@@ -149,9 +149,27 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
     if not arguments.aimkp:
         return
     check_model_has_image_input(str(model), model_config)
+    check_family_is_known(str(model), model_config, family)
     problems = family.run_problems(model_config, lambda name: _config_value(config, name))
     if problems:
         raise AimkpConfigError(f"aimkp: true with a {family.name} model: " + " ".join(problems))
+
+
+def check_family_is_known(model: str, model_config: dict[str, Any], family: Any) -> None:
+    """An image-text model whose ``model_type`` no family module describes stops here, before it loads: where its
+    image tokens sit, how its positions run and whether its layers mix tokens outside attention decide what a masked
+    copy is, and a guess could train something other than the method without saying so."""
+    from ..families import FAMILIES, GenericFamily
+
+    if not isinstance(family, GenericFamily):
+        return
+    supported = ", ".join(model_type for known in FAMILIES for model_type in known.model_types)
+    raise AimkpConfigError(
+        f"aimkp: true does not support model_type {family.name} ({model}) yet: no model family of the plugin says "
+        "where its image tokens sit, how its positions run and whether its layers mix tokens outside attention, "
+        f"which decide what a masked copy is. Supported model types: {supported} (`aimkp models families`). Train "
+        "it without aimkp, or use a supported model."
+    )
 
 
 def _patch_train_tuner_training_function(module: ModuleType) -> None:

@@ -122,13 +122,24 @@ class BatchSplitter:
                         inputs[key] = batch[key][numbers.start : numbers.stop]
             for key in self.family.per_token_keys:
                 if key in batch:
-                    inputs[key] = batch[key][row][visible][None]
+                    inputs[key] = self.per_token(batch[key][row], batch["input_ids"].shape[1])[visible][None]
             positions = batch.get("position_ids")
             if positions is not None:  # (rows, B, L) multimodal rope positions or (B, L)
                 selected = positions[:, row : row + 1] if positions.dim() == 3 else positions[row : row + 1]
                 inputs["position_ids"] = selected[..., visible]
             samples.append(SampleInputs(int(index), inputs, spans))
         return samples
+
+    def per_token(self, values: torch.Tensor, length: int) -> torch.Tensor:
+        """One row of a per-token key at ``input_ids``' padded ``length``: LLaMA-Factory 0.9.5's collator pads
+        ``mm_token_type_ids`` to the longest sample only, and ``input_ids`` further (to a multiple of 8 in training);
+        the missing padding (0, on the tokenizer's padding side) is added."""
+        missing = length - values.shape[0]
+        if missing <= 0:
+            return values
+        padding = values.new_zeros(missing)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        return torch.cat([padding, values] if left else [values, padding])
 
     def image_inputs(self, batch: dict[str, Any], number: int) -> dict[str, torch.Tensor]:
         """The per-image keys (e.g. ``image_grid_thw``) of the batch's image ``number``, as one-row tensors."""

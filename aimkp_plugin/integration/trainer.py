@@ -134,6 +134,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float32
             self.aimkp_mask_dtype = attention_mask_dtype(core, compute_dtype)
             self.aimkp_reference_mask = self.aimkp_family.reference_mask_builder(core)
+            self.aimkp_removal = self.aimkp_family.token_removal(core)
             self.aimkp_layout = self._aimkp_fast_layout()
 
     @staticmethod
@@ -278,6 +279,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
                         self.aimkp_mask_dtype,
                         epoch,
                         self.aimkp_reference_mask,
+                        self.aimkp_removal,
                     )
                 )
         self.aimkp_callback.record(outcomes)

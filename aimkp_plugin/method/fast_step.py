@@ -36,8 +36,8 @@ the model families of ``aimkp_plugin.families`` implement it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,6 +74,7 @@ class FastStepFamily(Protocol):
     """What the fast step asks of a model family."""
 
     name: str
+    removes_hidden_tokens: bool  # token mixing outside attention: rows never share a packed prefix
 
     def image_token_id(self, config: object) -> int | None:
         """The id of the tokens whose embeddings are replaced by image features."""
@@ -117,6 +118,9 @@ class FastStepLayout:
     linear_modules: list[nn.Linear]  # language-side Linear layers that own trainable parameters (hooked)
     vision_parameters: list[nn.Parameter] = field(default_factory=list)  # trainable, upstream of the image features
     dropout: str | None = None  # the first active dropout in the decoder layers (see active_dropout), or None
+    # vision-side modules with a gradient-checkpointing switch: checkpointing pauses there while trained vision
+    # parameters are encoded (a reentrant checkpoint cannot take the vmapped autograd.grad through the features)
+    vision_modules: list[nn.Module] = field(default_factory=list)
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
@@ -138,6 +142,9 @@ def fast_step_layout(model: nn.Module, family: FastStepFamily) -> FastStepLayout
             continue
         if all(id(p) in vision_ids for p in own):
             vision_parameters += own
+        elif type(module) is nn.Linear and ".experts." in f".{name}.":
+            uncovered.append(f"{name} (a Linear layer of a routed MoE expert, which sees only its routed tokens)")
+            continue
         elif type(module) is nn.Linear:
             linear_modules.append(module)
         else:
@@ -149,7 +156,25 @@ def fast_step_layout(model: nn.Module, family: FastStepFamily) -> FastStepLayout
             "trained parameters without a per-row gradient rule in the fast step: " + ", ".join(uncovered[:5])
         )
     dropout = active_dropout(family.decoder_layers(hf_model))
-    return FastStepLayout(hf_model, family, parameters, linear_modules, vision_parameters, dropout)
+    switchable = [
+        module
+        for module in hf_model.modules()
+        if hasattr(module, "gradient_checkpointing") and all(id(p) in vision_ids for p in module.parameters())
+    ]
+    return FastStepLayout(hf_model, family, parameters, linear_modules, vision_parameters, dropout, switchable)
+
+
+@contextmanager
+def checkpointing_paused(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Gradient checkpointing off in ``modules`` while active (their activations are kept instead)."""
+    paused = [module for module in modules if getattr(module, "gradient_checkpointing", False)]
+    for module in paused:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in paused:
+            module.gradient_checkpointing = True
 
 
 @dataclass
@@ -169,9 +194,12 @@ def needs_reference_step(sample: SampleInputs, hidden: Sequence[int]) -> bool:
 
 
 def plan_rows(
-    samples: Sequence[SampleInputs], state: CurriculumState, config: StepConfig
+    samples: Sequence[SampleInputs], state: CurriculumState, config: StepConfig, removes_hidden: bool = False
 ) -> tuple[list[Row], list[int]]:
-    """The rows of every fast-path sample, and the positions of the samples that need the reference step."""
+    """The rows of every fast-path sample, and the positions of the samples that need the reference step.
+
+    With ``removes_hidden`` (a model whose copies are the sequence with the hidden tokens removed) no sample needs
+    the reference step: a row predicts each answer token from the kept token before it, as the reference does."""
     rows, reference = [], []
     for position, sample in enumerate(samples):
         if sample.num_answer_tokens == 0:
@@ -180,7 +208,7 @@ def plan_rows(
         sample_rows = [Row(position, ORIGINAL, 1, torch.arange(length))]
         for modality, stride in planned_copies(sample, state, config):
             hidden = hidden_for(sample.spans, modality, stride)
-            if needs_reference_step(sample, hidden):
+            if not removes_hidden and needs_reference_step(sample, hidden):
                 reference.append(position)
                 break
             keep = torch.ones(length, dtype=torch.bool)
@@ -318,7 +346,17 @@ def resolve_share_prefix(layout: FastStepLayout, requested: bool | None, device:
     ``requested`` True shares every pair (0), None (auto) those over :data:`AUTO_SHARE_FROM` where
     :func:`default_share_prefix` says so. Never with dropout in the decoder layers, where the original and its text
     copy would share the prefix's dropout masks (kept apart, each forward pass draws its own, as in the reference
-    step): with ``requested`` True that is a :class:`FastStepUnsupportedError`."""
+    step): with ``requested`` True that is a :class:`FastStepUnsupportedError`. Never for a family that removes hidden
+    tokens (linear attention and convolutions read the sequence in order, so a tree mask cannot separate the copies);
+    with ``requested`` True that is an error too."""
+    if layout.family.removes_hidden_tokens:
+        if requested:
+            raise FastStepUnsupportedError(
+                f"aimkp_fast_share_prefix: true needs a model whose tokens mix only through attention, and the "
+                f"{layout.family.name} model mixes them outside attention too (linear attention or convolutions), "
+                "where a packed prefix cannot be shared. Set aimkp_fast_share_prefix: auto or false."
+            )
+        return None
     if layout.dropout is None:
         if requested is None:
             return AUTO_SHARE_FROM if default_share_prefix(device) else None
@@ -409,7 +447,7 @@ def fast_batch_step(
     (:mod:`~aimkp_plugin.method.shared_prefix`); None: on a CPU without dropout, the pairs whose prefix pays
     (:func:`resolve_share_prefix`).
     """
-    rows, reference = plan_rows(samples, state, config)
+    rows, reference = plan_rows(samples, state, config, layout.family.removes_hidden_tokens)
     outcomes = {
         position: SampleOutcome(sample.index, sample.num_answer_tokens, 0.0)
         for position, sample in enumerate(samples)
@@ -512,7 +550,8 @@ def row_gradients(
     gradients = RowGradients(layout.parameters, len(rows), buffer_dtype, device)
     image_token_id = family.image_token_id(model.config)
     trains_vision = bool(layout.vision_parameters)
-    with torch.set_grad_enabled(trains_vision):
+    paused = checkpointing_paused(layout.vision_modules) if trains_vision else nullcontext()
+    with torch.set_grad_enabled(trains_vision), paused:  # the vision backward below is one vmapped autograd.grad
         features = family.encode_images(model, samples)
     # the token features in the embeddings' dtype (as the model's masked_scatter does); extras stay as they come
     if features is not None:

@@ -97,7 +97,15 @@ class RowGradients:
     def _linear_row_gradients(
         self, module: nn.Linear, activations: torch.Tensor, gradient: torch.Tensor, rows: slice | torch.Tensor
     ) -> None:
-        count = gradient.shape[0]
+        count = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+        if gradient.shape[0] != count and (gradient.dim() != 2 or gradient.shape[0] % count):
+            raise RuntimeError(
+                f"aimkp fast step: a Linear layer ({tuple(module.weight.shape)}) saw {gradient.shape[0]} input rows "
+                f"in a pass of {count} rows; only a layer that sees every token of every row (in order, possibly "
+                "flattened to (tokens, features) as an MoE block's shared expert does) has per-row gradients here."
+            )
+        # (rows, tokens, features); a layer fed the pass's tokens flattened row by row (an MoE block's shared expert
+        # and its gate) gets them back in rows
         delta = gradient.reshape(count, -1, gradient.shape[-1])
         inputs = activations.reshape(count, -1, activations.shape[-1]).to(delta.dtype)
         if module.weight.requires_grad:

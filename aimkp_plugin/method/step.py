@@ -5,14 +5,23 @@ gradient of its mean answer cross-entropy with a plain backward pass, compare th
 float32), keep or drop them, and add ``n_i / |kept| / N`` times each kept copy's summed-cross-entropy gradient into
 ``.grad`` (N: answer tokens of the whole optimizer step). Then the per-sample strides are updated.
 
+A model that mixes tokens outside attention (linear attention, convolutions) runs each copy with its hidden tokens
+removed from the sequence instead (:class:`TokenRemoval`): a forward pre-hook on its language model keeps only the
+kept positions of ``inputs_embeds`` (the image features already in place) and of every position-id row, and the loss
+reads the kept tokens' labels. In a pure-attention model both ways give the same outputs at the kept tokens.
+
 Pure torch: the model is any callable returning logits, so the same code runs inside LLaMA-Factory and in tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from .filtering import gradient_cosine, keep_copy, variant_weight
 from .masking import visibility_attention_mask
@@ -24,6 +33,54 @@ from .variants import hidden_for, planned_copies, summed_cross_entropy, update_c
 # A model family's attention pattern for a copy: (sample, hidden positions, mask dtype) -> the ``attention_mask``
 # argument of the model (a (1, 1, L, L) mask, or one per layer type). None: causal, with the hidden columns cleared.
 AttentionMaskBuilder = Callable[[SampleInputs, list[int], torch.dtype], object]
+
+
+@dataclass(frozen=True)
+class TokenRemoval:
+    """How a copy runs with its hidden tokens removed: ``module`` is the decoder stack that receives
+    ``inputs_embeds``, and ``keep_inputs(kwargs, keep)`` turns its keyword arguments for the whole sequence into
+    those for the kept positions ``keep`` (each at its original position ids)."""
+
+    module: nn.Module
+    keep_inputs: Callable[[dict[str, Any], torch.Tensor], dict[str, Any]]
+
+    @contextmanager
+    def keeping(self, keep: torch.Tensor) -> Iterator[None]:
+        """While active, every call of :attr:`module` sees only the positions ``keep``."""
+
+        def gather(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+            if args:
+                raise RuntimeError(f"aimkp: {type(module).__name__} was called with positional inputs")
+            return args, self.keep_inputs(kwargs, keep)
+
+        handle = self.module.register_forward_pre_hook(gather, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def copy_logits(
+    model: Callable[..., object],
+    sample: SampleInputs,
+    hidden: list[int],
+    dtype: torch.dtype,
+    attention_mask: AttentionMaskBuilder | None = None,
+    removal: TokenRemoval | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy's logits and the labels they predict: the whole sequence with ``hidden`` invisible (attention), or
+    with ``removal`` only the kept positions and their labels. Without a cache, as in training (a Qwen3.5 forward
+    with ``use_cache`` builds its masks against the cache and gives other outputs)."""
+    if removal is None:
+        return model(**masked_inputs(sample, hidden, dtype, attention_mask), use_cache=False).logits, sample.labels
+    length = sample.model_inputs["input_ids"].shape[1]
+    keep = torch.ones(length, dtype=torch.bool)
+    keep[hidden] = False
+    keep = keep.nonzero().squeeze(1)
+    inputs = {key: value for key, value in sample.model_inputs.items() if key != "labels"}
+    with removal.keeping(keep):
+        logits = model(**inputs, use_cache=False).logits
+    return logits, sample.labels[:, keep.to(sample.labels.device)]
 
 
 def masked_inputs(
@@ -72,12 +129,14 @@ def reference_sample_step(
     mask_dtype: torch.dtype,
     epoch: int = 0,
     attention_mask: AttentionMaskBuilder | None = None,
+    removal: TokenRemoval | None = None,
 ) -> SampleOutcome:
     """Run one visit of one sample: gradients into ``.grad``, the state updated, the outcome returned.
 
     A second visit within the same ``epoch`` (a distributed sampler's padding) trains but leaves the state alone.
     ``attention_mask`` builds a copy's mask for a model family whose attention is not plain causal (Gemma 3's
-    bidirectional image blocks).
+    bidirectional image blocks); ``removal`` runs every variant with its hidden tokens removed (a model that mixes
+    tokens outside attention).
     """
     n_tokens = sample.num_answer_tokens
     outcome = SampleOutcome(sample.index, n_tokens, 0.0)
@@ -90,8 +149,8 @@ def reference_sample_step(
     for name, _, hidden in variants:
         if n_tokens == 0:
             break
-        logits = model(**masked_inputs(sample, hidden, mask_dtype, attention_mask)).logits
-        loss_sum = summed_cross_entropy(logits, sample.labels)
+        logits, labels = copy_logits(model, sample, hidden, mask_dtype, attention_mask, removal)
+        loss_sum = summed_cross_entropy(logits, labels)
         if name == ORIGINAL:
             outcome.original_loss_sum = float(loss_sum.detach())
         gradients[name] = _gradients_of(loss_sum / n_tokens, parameters)

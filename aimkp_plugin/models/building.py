@@ -16,7 +16,7 @@ from typing import Any
 from ..data.cmkp import DEFAULT_INSTRUCTION, bundled_cmkp_posts
 
 
-BUILDER_VERSION = 2  # bump when a builder changes what it writes
+BUILDER_VERSION = 3  # bump when a builder changes what it writes
 
 LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 QWEN_SPECIAL_TOKENS = (
@@ -156,6 +156,18 @@ def clip_vision_config(spec: TinyModelSpec) -> Any:
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden_size,
     )
+
+
+def fill_zero_weights(module: Any, std: float = 0.02) -> None:
+    """Give every all-zero weight matrix of ``module`` random values (normal, ``std``): transformers initialises some
+    projectors to zero (Gemma 3's ``mm_input_projection_weight``), which in a random tiny model makes every image
+    feature 0, so that no test could see where image content lands."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(0.0, std)
 
 
 def save_tiny(out: Path, model: Any, processor: Any, tokenizer: Any, chat_template: str) -> None:

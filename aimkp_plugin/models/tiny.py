@@ -20,6 +20,17 @@ from .building import TinyModelSpec
 
 BUILD_MARKER = "aimkp_build.json"
 TINY_MODELS: dict[str, TinyModelSpec] = {spec.name: spec for family in FAMILIES for spec in family.tiny_models}
+# earlier names of tiny models (recipes and scripts use them); each family's first tiny model carries its name now
+TINY_ALIASES: dict[str, str] = {"qwen2vl": "qwen2_vl", "qwen2_5vl": "qwen2_5_vl", "qwen3vl": "qwen3_vl"}
+
+
+def tiny_spec(name: str) -> TinyModelSpec:
+    """The spec of tiny model ``name`` (or of an alias of it)."""
+    spec = TINY_MODELS.get(TINY_ALIASES.get(name, name))
+    if spec is None:
+        known = [*TINY_MODELS, *TINY_ALIASES]
+        raise ValueError(f"Unknown tiny model {name!r}; choose one of: {', '.join(known)}.")
+    return spec
 
 
 def is_built(spec: TinyModelSpec, out: Path) -> bool:
@@ -33,10 +44,9 @@ def is_built(spec: TinyModelSpec, out: Path) -> bool:
 
 
 def build_tiny_model(name: str, out: str | os.PathLike[str], force: bool = False) -> Path:
-    """Build the tiny model ``name`` (one of ``TINY_MODELS``) into ``out``; reuse a matching earlier build."""
-    if name not in TINY_MODELS:
-        raise ValueError(f"Unknown tiny model {name!r}; choose one of: {', '.join(TINY_MODELS)}.")
-    spec = TINY_MODELS[name]
+    """Build the tiny model ``name`` (one of ``TINY_MODELS``, or an alias) into ``out``; reuse a matching earlier
+    build."""
+    spec = tiny_spec(name)
     out = Path(out)
     if not force and is_built(spec, out):
         return out
