@@ -6,11 +6,12 @@
 All steps run on the same LoRA model, built by LLaMA-Factory's own loader as in training (LoRA r8 on all linear
 layers of the language model, the projector trained through ``additional_target``, gradient checkpointing on), and
 the same batch of demo CMKP posts with 576 image tokens each (Qwen2-VL, Qwen2.5-VL: images resized to 672×672, 24×24
-merged tokens; Qwen3-VL, Qwen3-VL-MoE and Qwen3.5: 768×768 with patch 16, 24×24 merged tokens; InternVL: one 448 px
-tile of 16×16 = 256 tokens, InternVL's own size). The plain step is one forward/backward of the padded batch; the
-AimKP steps run every sample at text and image stride γ (the original plus two masked copies per sample). Steps are
-interleaved so all see the same machine noise; the ratios come from this one run. Peak memory: on CUDA the
-allocator's peak per step; on CPU the resident set's high-water mark of a forked child running that step alone,
+merged tokens; Qwen3-VL, Qwen3-VL-MoE and Qwen3.5: 768×768 with patch 16, 24×24 merged tokens; GLM-4V: 672×672
+with patch 14, 24×24 merged tokens; InternVL: one 448 px tile of 16×16 = 256 tokens, InternVL's own size; Gemma 3,
+Gemma 4 and LLaVA-NeXT: their tiny models' own image sizes). The plain step is one forward/backward of the padded
+batch; the AimKP steps run every sample at text and image stride γ (the original plus two masked copies per sample).
+Steps are interleaved so all see the same machine noise; the ratios come from this one run. Peak memory: on CUDA
+the allocator's peak per step; on CPU the resident set's high-water mark of a forked child running that step alone,
 above the child's start.
 """
 
@@ -40,6 +41,8 @@ MODELS = {  # benchmark name -> (tiny model, extra LLaMA-Factory keys); template
     "qwen3_5": ("qwen3_5", {"image_min_pixels": 768 * 768}),
     "internvl": ("internvl-448", {}),
     "gemma3": ("gemma3", {}),
+    "gemma4": ("gemma4", {}),
+    "glm4v": ("glm4v", {"image_min_pixels": 672 * 672}),
     "llava_next": ("llava_next", {}),
 }
 

@@ -86,10 +86,33 @@ def test_plain_python_start_imports_nothing_heavy() -> None:
 
 def test_doctor_reports_every_patch_applied() -> None:
     result = subprocess.run(["aimkp", "doctor"], env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+    assert "could not patch" not in result.stderr  # the report below is what happened
     report = json.loads(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert set(report["applied"]) == ALL_PATCHES and report["failed"] == {} and report["post_import_hook"]
     assert report["llamafactory"].startswith("0.9.5")
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import aimkp_plugin.integration.trainer",  # the trainer first: it imports LLaMA-Factory's SFT workflow
+        "from aimkp_plugin.integration.patching import apply_aimkp_to_llamafactory; apply_aimkp_to_llamafactory()",
+        "import llamafactory.train.sft.workflow",  # LLaMA-Factory first, as llamafactory-cli does
+    ],
+)
+def test_no_import_order_leaves_a_patch_half_done(program: str) -> None:
+    """Whichever module comes first (the benchmarks import the trainer or apply the patches themselves), every
+    patch applies, none prints "could not patch", and the workflow builds the AimKP trainer."""
+    probe = (
+        f"{program}\nimport llamafactory.train.sft.workflow as workflow\n"
+        "from aimkp_plugin.integration.patching import STATUS\n"
+        "print(workflow.CustomSeq2SeqTrainer.__name__, STATUS.failed)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "could not" not in result.stderr and "failed" not in result.stderr
+    assert result.stdout.split("\n")[-2] == "AimkpSeq2SeqTrainer {}"
 
 
 def test_patches_are_idempotent_and_revertible() -> None:

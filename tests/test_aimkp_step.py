@@ -39,7 +39,13 @@ STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with tex
 
 
 def llamafactory_batch(
-    model_path: Path, template: str, workspace: Path, tmp_path: Path, size: int, images: str = "images"
+    model_path: Path,
+    template: str,
+    workspace: Path,
+    tmp_path: Path,
+    size: int,
+    images: str = "images",
+    pad_to_multiple_of: int | None = None,
 ):
     """A real SFT batch of the first ``size`` raw test posts, built by LLaMA-Factory's own data pipeline."""
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask
@@ -61,7 +67,11 @@ def llamafactory_batch(
     if AutoConfig.from_pretrained(model_path).model_type in MROPE_MODELS:  # the collator computes m-rope positions
         model = AutoModelForImageTextToText.from_pretrained(model_path)  # with the model
     collator = SFTDataCollatorWith4DAttentionMask(
-        template=template_obj, model=model, pad_to_multiple_of=None, label_pad_token_id=-100, **tokenizer_module
+        template=template_obj,
+        model=model,
+        pad_to_multiple_of=pad_to_multiple_of,
+        label_pad_token_id=-100,
+        **tokenizer_module,
     )
     batch = collator(features)
     return batch, tokenizer_module["tokenizer"]
@@ -308,6 +318,48 @@ def test_copy_logits_equal_the_model_on_the_sequence_with_the_hidden_tokens_dele
         with torch.no_grad(), deleting(model, kept_positions(length, hidden)):
             deleted = model(**inputs, use_cache=False).logits[0]
         torch.testing.assert_close(plugin_copy_logits(model, sample, hidden), deleted, rtol=0, atol=1e-10)
+
+
+def test_qwen3_5_copy_equals_the_model_called_on_the_deleted_embeddings(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """Qwen3.5's copies against the plainest deletion there is, with no hook: the model called on the deleted
+    sequence's input embeddings (the image features put in place by hand), the kept tokens' position ids and a mask
+    of ones."""
+    from aimkp_plugin.method.variants import hidden_for
+
+    model, sample = split_sample("qwen3_5", tiny_models, cmkp_workspace, tmp_path)
+    inputs = sample.model_inputs
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        output = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        image = (inputs["input_ids"] == model.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(image, torch.cat(list(output.pooler_output)).to(embeds.dtype))
+    for modality in ("text", "image"):
+        hidden = hidden_for(sample.spans, modality, 2)
+        keep = kept_positions(inputs["input_ids"].shape[1], hidden)
+        with torch.no_grad():
+            deleted = model(
+                inputs_embeds=embeds[:, keep],
+                position_ids=inputs["position_ids"][..., keep],
+                attention_mask=torch.ones(1, len(keep), dtype=torch.long),
+                use_cache=False,
+            ).logits[0]
+        torch.testing.assert_close(plugin_copy_logits(model, sample, hidden), deleted, rtol=0, atol=1e-10)
+
+
+def test_per_token_keys_are_padded_to_the_input_ids(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path) -> None:
+    """LLaMA-Factory pads ``input_ids`` to a multiple (of 8 in training; 64 here) but Gemma 4's ``mm_token_type_ids``
+    only to the longest sample: the splitter pads each row's to its ``input_ids``, aligned with the image tokens."""
+    template, images = FAMILIES["gemma4"]
+    batch, tokenizer = llamafactory_batch(
+        tiny_models["gemma4"], template, cmkp_workspace, tmp_path, size=2, images=images, pad_to_multiple_of=64
+    )
+    assert batch["mm_token_type_ids"].shape[1] < batch["input_ids"].shape[1]
+    config = load_model(tiny_models["gemma4"], "sdpa").config
+    for sample in BatchSplitter(config, tokenizer).split(batch, [0, 1]):
+        types, ids = sample.model_inputs["mm_token_type_ids"], sample.model_inputs["input_ids"]
+        assert types.shape == ids.shape and torch.equal(types == 1, ids == config.image_token_id)
 
 
 @pytest.mark.parametrize("size", [1, 2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from aimkp_plugin.integration.callback import PLOT_FILE
 from aimkp_plugin.method.state import STATE_FILE
 
-from .conftest import tiny_train_config
+from .conftest import run_llamafactory, tiny_train_config
 from .helpers import FAMILY_BY_NAME, FAMILY_NAMES, images_of, template_of
 
 
@@ -62,21 +63,30 @@ def is_power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
 
+@pytest.fixture(scope="module")
+def three_epoch_runs(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every family's 3-epoch run, two side by side (one thread each): family -> (result, output folder)."""
+    root = tmp_path_factory.mktemp("three_epochs")
+
+    def train(family: str) -> tuple:
+        out = root / family / "out"
+        config = aimkp_config(
+            tiny_models[family],
+            template_of(family),
+            cmkp_workspace,
+            out,
+            dataloader_num_workers=2,
+            media_dir=str(cmkp_workspace / images_of(family)),
+        )
+        return run_llamafactory(config, root / family, OMP_NUM_THREADS="1"), out
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(TRAINED_FAMILIES, pool.map(train, TRAINED_FAMILIES), strict=True))
+
+
 @pytest.mark.parametrize("family", TRAINED_FAMILIES)
-def test_three_epochs_with_aimkp(
-    family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
-):
-    out = tmp_path / "out"
-    images = cmkp_workspace / images_of(family)
-    config = aimkp_config(
-        tiny_models[family],
-        template_of(family),
-        cmkp_workspace,
-        out,
-        dataloader_num_workers=2,
-        media_dir=str(images),
-    )
-    result = llamafactory_runner(config)
+def test_three_epochs_with_aimkp(family: str, three_epoch_runs: dict):
+    result, out = three_epoch_runs[family]
     assert result.returncode == 0, result.stdout[-4000:]
     assert "AimKP curriculum: text mean stride" in result.stdout
     assert f"the fast AimKP step runs for the {family} family" in result.stdout

@@ -441,6 +441,40 @@ def test_uncovered_trainable_parameters_are_named(tiny_models: dict) -> None:
         layout_of(model)
 
 
+def test_trained_moe_experts_and_router_are_named_as_uncovered(tiny_models: dict) -> None:
+    """Fused 3-D expert weights and a bare router weight have no per-copy rule in the fast step: a run that trains
+    them is told so (and takes the reference step), never silently inexact."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen3_vl_moe"])
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = ".mlp." in name and "language_model.layers.0." in name
+    with pytest.raises(FastStepUnsupportedError, match=r"layers\.0\.mlp\.(experts|gate) \(Qwen3VLMoeText"):
+        layout_of(model)
+
+
+def test_flattened_linear_inputs_are_read_per_row_and_a_subset_of_tokens_is_refused() -> None:
+    """A Linear layer fed every token of every row flattened row by row (an MoE block's shared expert) gets each row's
+    exact gradient; one fed a subset of the tokens (a routed expert's) stops with the reason, never attributed
+    silently."""
+    from aimkp_plugin.method.row_gradients import RowGradients
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2).double()
+    inputs = torch.randn(2, 5, 3, dtype=torch.float64)
+    expected = []
+    for row in range(2):
+        weight, bias = torch.autograd.grad((layer(inputs[row]) ** 2).sum(), [layer.weight, layer.bias])
+        expected.append(torch.cat([weight.reshape(-1), bias]))
+    gradients = RowGradients(list(layer.parameters()), 2, torch.float64, torch.device("cpu"))
+    gradients.rows, gradients.tokens = slice(0, 2), 5
+    with gradients.hook_linear_layers([layer]):
+        (layer(inputs.reshape(-1, 3)) ** 2).sum().backward()
+        torch.testing.assert_close(gradients.flat, torch.stack(expected), rtol=1e-12, atol=1e-14)
+        with pytest.raises(RuntimeError, match="only a layer that sees every row"):
+            (layer(inputs[1, :4]) ** 2).sum().backward()  # four tokens, all of row 1
+
+
 TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
 
 

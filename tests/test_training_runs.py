@@ -155,6 +155,18 @@ def test_gemma3_with_a_template_that_drops_its_image_blocks_is_rejected_before_l
     assert "Set template: gemma3." in result.stdout and "Loading dataset" not in result.stdout
 
 
+def test_gemma4_with_the_audio_template_is_rejected_before_loading(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    """``gemma4n`` makes LLaMA-Factory's collator add a dummy audio clip to every batch without audio, which no sample
+    owns: refused before loading, with ``gemma4`` as the fix."""
+    config = tiny_train_config(tiny_models["gemma4"], "gemma4n", cmkp_workspace, tmp_path / "out", aimkp=True)
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert "aimkp: true with a gemma4 model: template: gemma4n adds a dummy audio clip" in result.stdout
+    assert "gemma4" in result.stdout and "Loading dataset" not in result.stdout
+
+
 def test_qwen2vl_training_with_generation_is_rejected_before_loading(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ):

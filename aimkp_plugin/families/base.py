@@ -15,8 +15,8 @@ A family answers these questions, and the rest of the plugin asks it instead of 
    refused before the model loads.
 5. **Tiny models.** The offline tiny checkpoints the tests, benchmarks and demo use, and their LLaMA-Factory template.
 
-A model type without a family gets :class:`GenericFamily`: images masked with the 1-D fallback and the reference step,
-with a warning.
+A model type without a family gets :class:`GenericFamily` (the 1-D fallback and the reference step); a training run
+stops before such a model loads.
 """
 
 from __future__ import annotations
@@ -215,8 +215,12 @@ def keep_positions(inputs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]
     kept = dict(inputs)
     kept["inputs_embeds"] = embeds[:, keep.to(embeds.device)]
     positions = inputs.get("position_ids")
-    if positions is not None:
-        kept["position_ids"] = positions[..., keep.to(positions.device)]
+    if positions is None:  # the language model would number the kept tokens 0..K-1
+        raise ValueError(
+            "aimkp: a copy with its hidden tokens removed needs the sample's original position ids, and the language "
+            "model was called without them (LLaMA-Factory's collator provides them for this model's template)."
+        )
+    kept["position_ids"] = positions[..., keep.to(positions.device)]
     kept["attention_mask"] = torch.ones(1, len(keep), dtype=torch.long, device=embeds.device)
     return kept
 
@@ -247,7 +251,9 @@ class LlavaStyleFamily(ModelFamily):
 
 
 class GenericFamily(ModelFamily):
-    """A model type no family module describes: images masked with the 1-D fallback, the reference step only."""
+    """A model type no family module describes: images masked with the 1-D fallback, the reference step only. A run
+    of ``llamafactory-cli`` stops before loading such a model (``integration.args.check_family_is_known``); this serves
+    code that builds the trainer or calls the steps itself."""
 
     has_fast_step = False
 

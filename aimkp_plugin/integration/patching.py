@@ -47,6 +47,9 @@ class PatchStatus:
 
 STATUS = PatchStatus()
 _version_checked = False
+# LLaMA-Factory modules imported while an integration module that their patches need is still importing; their
+# patches run when it is done (hold_patches, release_patches)
+_held: list[ModuleType] | None = None
 
 
 def installed_llamafactory_version() -> str:
@@ -171,10 +174,39 @@ def apply_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> bool
 
 
 def on_module_imported(module: ModuleType) -> None:
-    """Entry point of the post-import hook: patch ``module`` if the registry names it."""
-    patches = (guard_registry if _check_activation() else registry)(module.__name__)
+    """Entry point of the post-import hook: patch ``module`` if the registry names it (later, while patches are held).
+    A patch that cannot even be found is recorded as failed, as one that raises is."""
+    if _held is not None:
+        _held.append(module)
+        return
+    try:
+        patches = (guard_registry if _check_activation() else registry)(module.__name__)
+    except Exception as err:  # the patch's integration module failed to import: report it, as a failed patch
+        reason = f"{type(err).__name__}: {err}"
+        STATUS.failed[module.__name__] = reason
+        print(f"aimkp-plugin: the patches of {module.__name__} could not be loaded ({reason}).", file=sys.stderr)
+        return
     for patch in patches.get(module.__name__, ()):
         apply_patch(patch, module)
+
+
+def hold_patches() -> None:
+    """Hold back the patches of the LLaMA-Factory modules imported from now on, until :func:`release_patches`.
+
+    For an integration module that imports LLaMA-Factory modules whose own patches need that integration module
+    complete: ``trainer`` subclasses LLaMA-Factory's trainer, and importing it imports LLaMA-Factory's SFT workflow,
+    whose patch installs the subclass. Without holding, that patch would find the trainer module half-initialised."""
+    global _held
+    if _held is None:
+        _held = []
+
+
+def release_patches() -> None:
+    """Apply the patches held since :func:`hold_patches`."""
+    global _held
+    held, _held = _held or [], None
+    for module in held:
+        on_module_imported(module)
 
 
 def apply_aimkp_to_llamafactory() -> PatchStatus:
@@ -201,6 +233,12 @@ def revert_all() -> None:
 
 def require_active() -> None:
     """Raise a clear error unless every patch that has run so far succeeded and the plugin is active."""
+    if _held:
+        raise AimkpNotActiveError(
+            "This config asks for aimkp: true, but aimkp-plugin's patches of "
+            f"{', '.join(module.__name__ for module in _held)} are still held (an integration module failed to "
+            "finish importing)."
+        )
     if STATUS.inactive_reason:
         raise AimkpNotActiveError(
             f"This config asks for aimkp: true, but aimkp-plugin is not active: {STATUS.inactive_reason}."

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
 from ..config import DEEPSPEED_STAGES, AimkpConfigError
 from ..families import GenericFamily, ModelFamily, family_for
@@ -46,6 +45,11 @@ from .batches import BatchSplitter
 from .callback import AimkpCallback, distributed
 from .engines import check_engine_optimizer, deepspeed_multiplier, is_deepspeed, surrogate_loss, suspended_zero_hooks
 from .evaluation import PREDICTIONS_FOLDER, KeyphraseMetrics, keyphrase_evaluation
+
+
+# LLaMA-Factory's trainer imports its SFT workflow, whose patch (at the end of this module) needs this module whole
+patching.hold_patches()
+from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer  # noqa: E402
 
 
 logger = logging.getLogger("llamafactory.aimkp")
@@ -139,7 +143,8 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
 
     @staticmethod
     def _aimkp_family(model: Any) -> ModelFamily:
-        """The model's family from the table; an unknown model type gets the 1-D fallback, with a warning."""
+        """The model's family from the table. A run through ``llamafactory-cli`` never gets here with an unknown model
+        type (it stops before the model loads); a trainer built otherwise gets the 1-D fallback, with a warning."""
         family = family_for(getattr(model.config, "model_type", None))
         if isinstance(family, GenericFamily):
             logger.warning(
@@ -358,3 +363,6 @@ def _patch_train_sft_workflow_trainer(module: ModuleType) -> None:
     CustomSeq2SeqTrainer``, the class ``workflow`` imported by that name. Tested on llamafactory 0.9.5.
     """
     patching.replace_attribute(module, "CustomSeq2SeqTrainer", "aimkp_trainer", lambda _: AimkpSeq2SeqTrainer)
+
+
+patching.release_patches()  # the patches held while LLaMA-Factory's trainer was imported (the workflow's, above)

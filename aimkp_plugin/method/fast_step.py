@@ -597,7 +597,7 @@ def row_gradients(
                         inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], values[0])
                 if not inputs_embeds.requires_grad:
                     inputs_embeds.requires_grad_(True)  # frozen embeddings and projector: the graph starts here
-                gradients.rows = group
+                gradients.rows, gradients.tokens = group, input_ids.shape[1]
                 predicting = predicting_positions(labels)
                 sharing = nullcontext()
                 if forward.pairs:

@@ -41,9 +41,12 @@ class RowGradients:
             start += parameter.numel()
         self.flat = torch.zeros(rows, start, dtype=dtype, device=device)
         self.rows = slice(0, rows)  # the rows of the forward pass now running: set by the caller per group
-        # when set, the rows a backward now running attributes to (one per row of the layer's input): a layer that
-        # runs on other rows than the pass's (the shared prefix's packed rows) sets it for each of its products
+        self.tokens: int | None = None  # the sequence length of the pass now running (its padded rows)
+        # when set, the rows a backward now running attributes to (one per row of the layer's input), and their
+        # length: a layer that runs on other rows than the pass's (the shared prefix's packed rows) sets both for each
+        # of its products
         self.fire_rows: torch.Tensor | None = None
+        self.fire_tokens: int | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # filling
@@ -85,27 +88,37 @@ class RowGradients:
         # Not under grad (inference, or the first pass of a reentrant checkpoint): nothing will flow back here.
         if not torch.is_grad_enabled() or not output.requires_grad:
             return
-        activations, rows = inputs[0].detach(), self.rows
+        activations, rows, tokens = inputs[0].detach(), self.rows, self.tokens
 
         def on_output_gradient(gradient: torch.Tensor) -> None:
-            self._linear_row_gradients(
-                module, activations, gradient, rows if self.fire_rows is None else self.fire_rows
-            )
+            if self.fire_rows is None:
+                self._linear_row_gradients(module, activations, gradient, rows, tokens)
+            else:
+                self._linear_row_gradients(module, activations, gradient, self.fire_rows, self.fire_tokens)
 
         output.register_hook(on_output_gradient)
 
     def _linear_row_gradients(
-        self, module: nn.Linear, activations: torch.Tensor, gradient: torch.Tensor, rows: slice | torch.Tensor
+        self,
+        module: nn.Linear,
+        activations: torch.Tensor,
+        gradient: torch.Tensor,
+        rows: slice | torch.Tensor,
+        tokens: int | None,
     ) -> None:
+        """Add each row's gradient of ``module``: ``gradient`` is ``(rows, T, out)`` (any ``T``: a layer that sees some
+        positions of every row, such as ``lm_head`` at the answer-predicting ones), or ``(rows · tokens, out)``, every
+        token of every row flattened row by row (an MoE block's shared expert and its gate)."""
         count = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-        if gradient.shape[0] != count and (gradient.dim() != 2 or gradient.shape[0] % count):
+        per_row = gradient.dim() >= 3 and gradient.shape[0] == count
+        flattened = gradient.dim() == 2 and tokens is not None and gradient.shape[0] == count * tokens
+        if not (per_row or flattened):
             raise RuntimeError(
-                f"aimkp fast step: a Linear layer ({tuple(module.weight.shape)}) saw {gradient.shape[0]} input rows "
-                f"in a pass of {count} rows; only a layer that sees every token of every row (in order, possibly "
-                "flattened to (tokens, features) as an MoE block's shared expert does) has per-row gradients here."
+                f"aimkp fast step: a Linear layer ({tuple(module.weight.shape)}) saw inputs of shape "
+                f"{tuple(activations.shape)} in a pass of {count} rows of {tokens} tokens; only a layer that sees "
+                "every row, or every token of every row flattened in order (as an MoE block's shared expert does), "
+                "has per-row gradients here. Set aimkp_impl: reference for this model."
             )
-        # (rows, tokens, features); a layer fed the pass's tokens flattened row by row (an MoE block's shared expert
-        # and its gate) gets them back in rows
         delta = gradient.reshape(count, -1, gradient.shape[-1])
         inputs = activations.reshape(count, -1, activations.shape[-1]).to(delta.dtype)
         if module.weight.requires_grad:

@@ -249,11 +249,12 @@ class _SharedPrefixLayer(torch.autograd.Function):
         try:
             for view in (0, 1):
                 call.gradients.fire_rows = call.plan.buffer_rows[view]
+                call.gradients.fire_tokens = call.plan.packed_length
                 cotangent = call.plan.cotangent(gradient, view).to(packed.dtype)
                 (product,) = torch.autograd.grad(packed, leaf, cotangent, retain_graph=view == 0)
                 products.append(product)
         finally:
-            call.gradients.fire_rows = None
+            call.gradients.fire_rows = call.gradients.fire_tokens = None
         return None, call.plan.input_gradient(products).to(gradient.dtype)
 
 

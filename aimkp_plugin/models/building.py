@@ -16,7 +16,7 @@ from typing import Any
 from ..data.cmkp import DEFAULT_INSTRUCTION, bundled_cmkp_posts
 
 
-BUILDER_VERSION = 3  # bump when a builder changes what it writes
+BUILDER_VERSION = 4  # bump when a builder changes what it writes
 
 LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 QWEN_SPECIAL_TOKENS = (

@@ -118,6 +118,7 @@ def build_qwen3_vl_moe(spec: TinyModelSpec, out: Path) -> None:
     vocab = tokenizer.get_vocab()
     text = qwen3_text_config(spec, vocab, len(tokenizer), spec.hidden_size // spec.num_heads)
     text |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": spec.intermediate_size // 2}
+    text["tie_word_embeddings"] = False  # the text config's own default is True; lm_head stays its own
     config = Qwen3VLMoeConfig(
         text_config=text,
         vision_config=qwen3_vision_config(spec, deepstack_visual_indexes=[0]),
