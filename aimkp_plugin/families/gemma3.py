@@ -72,23 +72,25 @@ def gemma3_tokenizer(spec: TinyModelSpec) -> Any:
 
 def image_groups(is_image: torch.Tensor) -> torch.Tensor:
     """Per position of ``is_image`` (``(..., L)`` bool): the index of its run of image tokens, -1 for other tokens (as
-    Gemma 3 numbers its image blocks)."""
+    Gemma 3 and Gemma 4 number their image blocks)."""
     previous = torch.cat([torch.zeros_like(is_image[..., :1]), is_image[..., :-1]], dim=-1)
     groups = torch.cumsum((is_image & ~previous).long(), dim=-1) - 1
     return torch.where(is_image, groups, -1)
 
 
-def gemma3_allowed(
-    positions: torch.Tensor, is_image: torch.Tensor, window: int | None, valid: torch.Tensor | None = None
+def gemma_allowed(
+    positions: torch.Tensor, is_image: torch.Tensor | None, window: int | None, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``(B, 1, L, L)`` bool, True = attend: causal in ``positions`` (within ``window`` when given) or the same image
-    block; keys outside ``valid`` are masked, and every query keeps its own key so no row is empty."""
+    block (when ``is_image`` is given; Gemma 4's full-attention layers have none); keys outside ``valid`` are masked,
+    and every query keeps its own key so no row is empty."""
     distance = positions[:, :, None] - positions[:, None, :]  # [row, query, key]
     allowed = distance >= 0
     if window is not None:
         allowed &= distance < window
-    groups = image_groups(is_image)
-    allowed |= (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
+    if is_image is not None:
+        groups = image_groups(is_image)
+        allowed |= (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
     if valid is not None:
         allowed &= valid[:, None, :]
     allowed |= torch.eye(positions.shape[-1], dtype=torch.bool, device=positions.device)
@@ -144,7 +146,7 @@ class Gemma3Family(LlavaStyleFamily):
         text = model.config.get_text_config()
         return {
             layer_type: as_attention_mask(
-                gemma3_allowed(
+                gemma_allowed(
                     positions, is_image, text.sliding_window if layer_type == "sliding_attention" else None, valid
                 ),
                 dtype,

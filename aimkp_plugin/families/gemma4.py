@@ -44,36 +44,7 @@ from ..method.masking import as_attention_mask, hide_positions
 from ..method.types import ImageSpan, SampleInputs, TokenGrid
 from ..models.building import TinyModelSpec
 from .base import FamilyDescription, ImageLayoutError, ModelFamily, attention_mask_dtype, stacked_pixel_values
-
-
-def image_groups(is_image: torch.Tensor) -> torch.Tensor:
-    """Per position of ``is_image`` (``(..., L)`` bool): the index of its run of image tokens, -1 for other tokens (as
-    Gemma 4 numbers its vision blocks)."""
-    previous = torch.cat([torch.zeros_like(is_image[..., :1]), is_image[..., :-1]], dim=-1)
-    groups = torch.cumsum((is_image & ~previous).long(), dim=-1) - 1
-    return torch.where(is_image, groups, -1)
-
-
-def gemma4_allowed(
-    positions: torch.Tensor,
-    is_image: torch.Tensor | None,
-    window: int | None,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(B, 1, L, L)`` bool, True = attend: query ``q`` sees key ``k`` when ``0 ≤ pos_q - pos_k`` (and
-    ``pos_q - pos_k < window`` when given), or when both are in the same image block (``is_image`` given); keys
-    outside ``valid`` are masked, and every query keeps its own key so no row is empty."""
-    distance = positions[:, :, None] - positions[:, None, :]  # [row, query, key]
-    allowed = distance >= 0
-    if window is not None:
-        allowed &= distance < window
-    if is_image is not None:
-        groups = image_groups(is_image)
-        allowed |= (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
-    if valid is not None:
-        allowed &= valid[:, None, :]
-    allowed |= torch.eye(positions.shape[-1], dtype=torch.bool, device=positions.device)
-    return allowed[:, None]
+from .gemma3 import gemma_allowed
 
 
 class Gemma4Family(ModelFamily):
@@ -148,7 +119,7 @@ class Gemma4Family(ModelFamily):
         masks = {}
         for layer_type in sorted(set(text.layer_types)):
             sliding = layer_type == "sliding_attention"
-            allowed = gemma4_allowed(
+            allowed = gemma_allowed(
                 positions, vision_blocks if sliding else None, text.sliding_window if sliding else None, valid
             )
             masks[layer_type] = as_attention_mask(allowed, dtype)

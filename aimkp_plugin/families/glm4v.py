@@ -15,7 +15,8 @@
   mask. A kept token keeps its column of all four rows.
 - Fast step: ``visual`` (patch embedding, position table, blocks, ``downsample``, ``merger``) runs once per
   micro-batch through ``get_image_features``; the language model takes ``inputs_embeds`` and the 4-row positions, and
-  ``lm_head`` runs only at the positions a loss reads.
+  ``lm_head`` runs only at the positions a loss reads. Grid, pixel rows, image encoding, positions and the
+  generation-during-training refusal are Qwen2-VL's (:class:`~.qwen2_vl.QwenVLFamily`), which this family builds on.
 - Tokens meet only in attention: norms, MLPs and GLM-4.5V's routed experts act per token (top-k routing without a
   capacity limit), so hiding a token by the attention mask equals deleting it (``removes_hidden_tokens`` False).
 - GLM-4.5V: the experts are fused 3-D parameters (``experts.gate_up_proj``, ``experts.down_proj``) and the router a
@@ -32,21 +33,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import is_true
-from ..method.fast_step import ImageFeatures
-from ..method.types import SampleInputs, TokenGrid
 from ..models.building import TinyModelSpec
-from .base import FamilyDescription, ImageLayoutError, ModelFamily, stacked_pixel_values
+from ..models.tiny_glm4v import build_glm4v
+from .base import FamilyDescription
+from .qwen2_vl import QwenVLFamily
 
 
-class Glm4vFamily(ModelFamily):
+class Glm4vFamily(QwenVLFamily):
     """GLM-4.1V; GLM-4.5V and ``glm46v`` share its image layout, positions and vision code (``Glm4vModel``)."""
 
     name = "glm4v"
@@ -58,73 +57,8 @@ class Glm4vFamily(ModelFamily):
         masked="grid cells by the 2-D rule; the begin- and end-of-image tokens stay visible",
         positions="3-D m-rope: the collator's position_ids columns (t copy, t, h, w)",
     )
-    per_image_keys = ("image_grid_thw",)
     removes_hidden_tokens = False  # pure attention: no token mixing outside it (the experts route per token)
     tiny_models = (TinyModelSpec(name="glm4v", family="glm4v", template="glm4v", vision_layers=2),)
-
-    # ------------------------------------------------------------------ image tokens and grids
-
-    def image_token_id(self, config: Any) -> int | None:
-        """``<|image|>`` (``config.image_token_id``); the model also fills video frames into this token."""
-        value = getattr(config, "image_token_id", None)
-        return int(value) if value is not None else None
-
-    def merge_size(self, config: Any) -> int:
-        return int(getattr(config.vision_config, "spatial_merge_size", 2) or 2)
-
-    def pixel_rows(self, config: Any, token_count: int, image_inputs: dict[str, torch.Tensor]) -> int:
-        """``t·h·w`` patches of ``pixel_values`` per image."""
-        return int(image_inputs["image_grid_thw"][0].prod())
-
-    def image_grids(self, config: Any, token_count: int, image_inputs: dict[str, torch.Tensor]) -> list[TokenGrid]:
-        time, height, width = (int(value) for value in image_inputs["image_grid_thw"][0])
-        merge = self.merge_size(config)
-        rows, cols = height // merge, width // merge
-        if time != 1 or rows * cols != token_count:
-            raise ImageLayoutError(
-                f"{token_count} image tokens, but image_grid_thw ({time}, {height}, {width}) with merge {merge} gives "
-                f"{time}×{rows}×{cols} = {time * rows * cols}"
-            )
-        return [TokenGrid(rows, cols, tuple(range(token_count)))]
-
-    # ------------------------------------------------------------------ run checks
-
-    def run_problems(self, model_config: dict[str, Any], setting: Callable[[str], Any]) -> list[str]:
-        """Generation during training: LLaMA-Factory 0.9.5 then builds the training collator without the model, so
-        training batches carry no m-rope position_ids, which the AimKP step needs."""
-        if is_true(setting("do_train")) and is_true(setting("predict_with_generate")):
-            return [
-                "predict_with_generate: true in a training run makes LLaMA-Factory build the training collator "
-                "without the model, so the batches carry no m-rope positions. Train without predict_with_generate "
-                "(evaluate by loss, or score checkpoints afterwards with a predict recipe)."
-            ]
-        return []
-
-    # ------------------------------------------------------------------ the fast step
-
-    def vision_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """Everything in ``model.model.visual``: patch embedding, position table, blocks, ``downsample``,
-        ``merger``."""
-        return list(model.model.visual.parameters())
-
-    def encode_images(self, model: nn.Module, samples: Sequence[SampleInputs]) -> ImageFeatures | None:
-        """``get_image_features`` over the micro-batch's images (each image attends only within itself in the vision
-        tower): one feature row per ``<|image|>`` token, images in order."""
-        stacked = stacked_pixel_values(samples, "image_grid_thw")
-        if stacked is None:
-            return None
-        output = model.model.get_image_features(pixel_values=stacked[0], image_grid_thw=stacked[1], return_dict=True)
-        return ImageFeatures(torch.cat(list(output.pooler_output)))
-
-    def position_ids(self, sample: SampleInputs) -> torch.Tensor:
-        """The collator's ``(4, 1, L)`` positions (t copy, t, h, w)."""
-        positions = sample.model_inputs.get("position_ids")
-        if positions is None:
-            raise ValueError(
-                f"aimkp: a {self.name} training batch came without position_ids (LLaMA-Factory's collator computes "
-                "them with the model); the fast step needs the m-rope positions."
-            )
-        return positions
 
     def decoder_layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.model.language_model.layers)
@@ -149,9 +83,5 @@ class Glm4vFamily(ModelFamily):
         ).last_hidden_state
         return model.lm_head(hidden[:, logits_positions])
 
-    # ------------------------------------------------------------------ tiny models
-
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
-        from ..models.tiny_glm4v import build_glm4v
-
         build_glm4v(spec, out)
