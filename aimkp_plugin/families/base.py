@@ -173,8 +173,7 @@ class ModelFamily:
         return base_model_of(model).model.language_model
 
     def language_inputs_kept(self, inputs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
-        """The language model's keyword arguments for the kept positions ``keep`` only: ``inputs_embeds`` and every
-        row of ``position_ids`` gathered at ``keep``, no attention mask (causal over the kept tokens)."""
+        """The language model's keyword arguments for the kept positions ``keep`` only (:func:`keep_positions`)."""
         return keep_positions(inputs, keep)
 
     # ------------------------------------------------------------------ tiny models

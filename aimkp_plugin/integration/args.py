@@ -149,13 +149,13 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
     if not arguments.aimkp:
         return
     check_model_has_image_input(str(model), model_config)
-    check_family_is_known(str(model), model_config, family)
+    check_family_is_known(str(model), family)
     problems = family.run_problems(model_config, lambda name: _config_value(config, name))
     if problems:
         raise AimkpConfigError(f"aimkp: true with a {family.name} model: " + " ".join(problems))
 
 
-def check_family_is_known(model: str, model_config: dict[str, Any], family: Any) -> None:
+def check_family_is_known(model: str, family: Any) -> None:
     """An image-text model whose ``model_type`` no family module describes stops here, before it loads: where its
     image tokens sit, how its positions run and whether its layers mix tokens outside attention decide what a masked
     copy is, and a guess could train something other than the method without saying so."""

@@ -49,7 +49,7 @@ from .row_gradients import RowGradients
 from .shared_prefix import PackedPass, PrefixPair, sharing_prefixes
 from .state import CurriculumState
 from .types import IGNORE_INDEX, ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfig
-from .variants import hidden_for, planned_copies, predicted_loss_sums, update_curriculum
+from .variants import hidden_for, kept_positions, planned_copies, predicted_loss_sums, update_curriculum
 
 
 class FastStepUnsupportedError(ValueError):
@@ -211,9 +211,7 @@ def plan_rows(
             if not removes_hidden and needs_reference_step(sample, hidden):
                 reference.append(position)
                 break
-            keep = torch.ones(length, dtype=torch.bool)
-            keep[hidden] = False
-            sample_rows.append(Row(position, modality, stride, keep.nonzero().squeeze(1)))
+            sample_rows.append(Row(position, modality, stride, kept_positions(length, hidden)))
         else:
             rows += sample_rows
     return rows, reference

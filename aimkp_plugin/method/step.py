@@ -27,7 +27,7 @@ from .filtering import gradient_cosine, keep_copy, variant_weight
 from .masking import visibility_attention_mask
 from .state import CurriculumState
 from .types import ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfig
-from .variants import hidden_for, planned_copies, summed_cross_entropy, update_curriculum
+from .variants import hidden_for, kept_positions, planned_copies, summed_cross_entropy, update_curriculum
 
 
 # A model family's attention pattern for a copy: (sample, hidden positions, mask dtype) -> the ``attention_mask``
@@ -74,9 +74,7 @@ def copy_logits(
     if removal is None:
         return model(**masked_inputs(sample, hidden, dtype, attention_mask), use_cache=False).logits, sample.labels
     length = sample.model_inputs["input_ids"].shape[1]
-    keep = torch.ones(length, dtype=torch.bool)
-    keep[hidden] = False
-    keep = keep.nonzero().squeeze(1)
+    keep = kept_positions(length, hidden)
     inputs = {key: value for key, value in sample.model_inputs.items() if key != "labels"}
     with removal.keeping(keep):
         logits = model(**inputs, use_cache=False).logits

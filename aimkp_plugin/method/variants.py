@@ -40,6 +40,13 @@ def hidden_for(spans: ModalitySpans, modality: str, stride: int) -> list[int]:
     return sorted(hidden)
 
 
+def kept_positions(length: int, hidden: list[int]) -> torch.Tensor:
+    """The positions ``0..length-1`` that a copy hiding ``hidden`` keeps, ascending (long)."""
+    keep = torch.ones(length, dtype=torch.bool)
+    keep[hidden] = False
+    return keep.nonzero().squeeze(1)
+
+
 def span_present(spans: ModalitySpans, modality: str) -> bool:
     return bool(spans.text) if modality == "text" else bool(spans.images)
 
