@@ -18,6 +18,7 @@ above the child's start.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -189,7 +190,7 @@ class StepBench:
     ) -> None:
         from aimkp_plugin.families import family_for
         from aimkp_plugin.integration.batches import BatchSplitter
-        from aimkp_plugin.method.fast_step import fast_step_layout
+        from aimkp_plugin.method.fast_layout import fast_step_layout
         from aimkp_plugin.method.types import StepConfig
 
         self.model, self.batch, self.batch_size, self.device, self.bf16 = model, batch, batch_size, device, bf16
@@ -246,19 +247,15 @@ class StepBench:
     def fast(self, stride: int, share_prefix: bool | None = None) -> None:
         from aimkp_plugin.method.fast_step import fast_batch_step
 
+        config = dataclasses.replace(
+            self.config,
+            max_tokens_per_forward=self.max_tokens or None,
+            max_buffer_bytes=self.max_buffer_bytes,
+            share_prefix=self.share_prefix if share_prefix is None else share_prefix,
+        )
         self.model.zero_grad(set_to_none=True)
         with self.autocast():
-            fast_batch_step(
-                self.layout,
-                self.samples,
-                self.state_at(stride),
-                self.config,
-                self.tokens,
-                0,
-                self.max_tokens,
-                self.max_buffer_bytes,
-                self.share_prefix if share_prefix is None else share_prefix,
-            )
+            fast_batch_step(self.layout, self.samples, self.state_at(stride), config, self.tokens, 0)
 
     def steps(self, stride: int) -> dict[str, Callable[[], None]]:
         """The three steps at ``stride``, each waiting for the device to finish."""
@@ -334,7 +331,7 @@ class StepBench:
 
     def result(self, stride: int, seconds: dict[str, float], memory: dict[str, int]) -> dict[str, Any]:
         """Copy lengths, step seconds, peak memory and their ratios at ``stride``."""
-        from aimkp_plugin.method.fast_step import plan_rows
+        from aimkp_plugin.method.pass_planning import plan_rows
 
         rows, _ = plan_rows(self.samples, self.state_at(stride), self.config)
         apart = {}

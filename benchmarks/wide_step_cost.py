@@ -186,7 +186,7 @@ def parameter_counts(model: Any) -> dict[str, int]:
 
 def buffer_sizes(bench: StepBench, stride: int) -> dict[str, Any]:
     """The fast step's per-row gradient buffer: all rows at once, and what its grouping under the budget holds."""
-    from aimkp_plugin.method.fast_step import buffer_groups, plan_rows
+    from aimkp_plugin.method.pass_planning import buffer_groups, plan_rows
 
     rows, _ = plan_rows(bench.samples, bench.state_at(stride), bench.config)
     row_bytes = sum(parameter.numel() for parameter in bench.layout.parameters) * BYTES_PER_ROW_ELEMENT

@@ -103,7 +103,8 @@ def test_doctor_reports_every_patch_applied() -> None:
 )
 def test_no_import_order_leaves_a_patch_half_done(program: str) -> None:
     """Whichever module comes first (the benchmarks import the trainer or apply the patches themselves), every
-    patch applies, none prints "could not patch", and the workflow builds the AimKP trainer."""
+    patch applies, none prints "could not patch", and the workflow builds the AimKP trainer (through
+    ``trainer_for_run``, which hands it the run's AimKP options)."""
     probe = (
         f"{program}\nimport llamafactory.train.sft.workflow as workflow\n"
         "from aimkp_plugin.integration.patching import STATUS\n"
@@ -112,7 +113,7 @@ def test_no_import_order_leaves_a_patch_half_done(program: str) -> None:
     result = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "could not" not in result.stderr and "failed" not in result.stderr
-    assert result.stdout.split("\n")[-2] == "AimkpSeq2SeqTrainer {}"
+    assert result.stdout.split("\n")[-2] == "trainer_for_run {}"  # builds the AimKP trainer with the run's options
 
 
 def test_patches_are_idempotent_and_revertible() -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from aimkp_plugin.checks import check_training_config
 from aimkp_plugin.config import (
     KNOWN_KEYS,
     MODALITIES,
     AimkpArguments,
     AimkpConfigError,
-    check_training_config,
     parse_aimkp_arguments,
     split_aimkp_argv,
 )
@@ -238,3 +238,19 @@ def test_llamafactory_parser_reports_bad_value(tmp_path: Path) -> None:
 
     with pytest.raises(AimkpConfigError, match=r"aimkp_image_threshold must be a cosine in \[-1, 1\], got 2.0"):
         get_train_args({"model_name_or_path": "m", "output_dir": str(tmp_path), "aimkp_image_threshold": 2})
+
+
+def test_help_texts_name_no_family_and_no_tuned_number() -> None:
+    """Which families have the fast step and where auto shares a prefix are facts of the code (``aimkp models
+    families``, ``AUTO_SHARE_FROM``); a help text that repeated them would drift, as the fast step's once did."""
+    from dataclasses import fields
+
+    from aimkp_plugin.families import FAMILIES
+    from aimkp_plugin.method.pass_planning import AUTO_SHARE_FROM
+
+    names = {model_type.lower() for family in FAMILIES for model_type in family.model_types}
+    names |= {"llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "gemma", "glm"}
+    for item in fields(AimkpArguments):
+        text = item.metadata["help"].lower()
+        assert not [name for name in names if name in text], item.name
+        assert f"{AUTO_SHARE_FROM:g}" not in text, item.name

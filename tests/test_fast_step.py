@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,7 +23,9 @@ import torch
 
 from aimkp_plugin.families import family_for
 from aimkp_plugin.integration.batches import BatchSplitter
-from aimkp_plugin.method.fast_step import FastStepUnsupportedError, fast_batch_step, fast_step_layout
+from aimkp_plugin.method.family_interface import FastStepUnsupportedError
+from aimkp_plugin.method.fast_layout import fast_step_layout
+from aimkp_plugin.method.fast_step import fast_batch_step
 from aimkp_plugin.method.state import CurriculumState, ModalityState
 from aimkp_plugin.method.step import reference_sample_step
 from aimkp_plugin.method.types import StepConfig
@@ -109,7 +112,7 @@ def run_fast(model, samples, config: StepConfig, tokens: float, **options):
     model.zero_grad(set_to_none=True)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     state = fresh_state()
-    outcomes, left = fast_batch_step(layout_of(model), samples, state, config, tokens, **options)
+    outcomes, left = fast_batch_step(layout_of(model), samples, state, dataclasses.replace(config, **options), tokens)
     return outcomes, left, state, [parameter.grad.clone() for parameter in parameters]
 
 
@@ -317,7 +320,7 @@ def test_rows_are_split_into_the_passes_that_pad_least() -> None:
     """The pass plan: every row once, in order; no pass over the cap unless it is one row; a sample's three rows in
     one pass at batch 1 on an accelerator (the default cap), one row per pass on a CPU; short image copies apart from
     the originals when that pads less."""
-    from aimkp_plugin.method.fast_step import Row, default_max_tokens, group_lengths
+    from aimkp_plugin.method.pass_planning import Row, default_max_tokens, group_lengths
 
     def rows(lengths: list[int]) -> list[Row]:
         return [Row(index // 3, "copy", 2, torch.arange(length)) for index, length in enumerate(lengths)]
@@ -347,7 +350,7 @@ def test_pairs_share_passes_of_their_own() -> None:
     """With the shared prefix, a sample's original and text copy are adjacent units of their packed length, in passes
     without other rows, when the prefix is over the given share of the pair's tokens; without, the plan is the plain
     longest-first split."""
-    from aimkp_plugin.method.fast_step import AUTO_SHARE_FROM, Row, plan_passes
+    from aimkp_plugin.method.pass_planning import AUTO_SHARE_FROM, Row, plan_passes
 
     def sample(index: int, length: int, hidden_at: int) -> list[Row]:
         text = torch.cat([torch.arange(hidden_at), torch.arange(hidden_at + 1, length)])
@@ -387,7 +390,7 @@ def test_pairs_share_passes_of_their_own() -> None:
 def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> None:
     """``max_buffer_bytes`` small enough for one sample's copies: the micro-batch is trained in 4 groups, each group's
     share added to ``.grad`` before the next; cosines, decisions, states and ``.grad`` are those of one group."""
-    from aimkp_plugin.method.fast_step import buffer_groups, plan_rows
+    from aimkp_plugin.method.pass_planning import buffer_groups, plan_rows
 
     model, samples, config, tokens = case
     layout = layout_of(model)

@@ -17,7 +17,9 @@ LAYERS = {  # package -> packages it must never import
     "aimkp_plugin.families": ("aimkp_plugin.integration",),
     "aimkp_plugin.models.building": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
     "aimkp_plugin.config": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
+    "aimkp_plugin.checks": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
 }
+STEP_MODULES = ("aimkp_plugin.method.fast_step", "aimkp_plugin.method.step")  # families read the method's interface
 
 
 def module_name(path: Path) -> str:
@@ -86,3 +88,17 @@ def test_only_family_modules_branch_on_model_type() -> None:
         if "model_type ==" in path.read_text() and path.parent.name != "families"
     ]
     assert offenders == []
+
+
+def test_families_never_import_a_step() -> None:
+    """A family describes its model to the steps through ``method.family_interface`` and the method's types; it never
+    imports the step modules, which call it."""
+    edges = graph()
+    violations = [
+        (module, target)
+        for module, targets in edges.items()
+        if module.startswith("aimkp_plugin.families")
+        for target in targets
+        if target.startswith(STEP_MODULES)
+    ]
+    assert violations == []

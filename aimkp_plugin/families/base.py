@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from ..method.fast_step import ImageFeatures, base_model_of
-from ..method.step import TokenRemoval
+from ..method.family_interface import ImageFeatures, TokenRemoval, base_model_of
 from ..method.types import ImageSpan, SampleInputs, TokenGrid
 
 

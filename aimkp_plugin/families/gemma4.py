@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..method.fast_step import FastStepUnsupportedError, ImageFeatures
+from ..method.family_interface import FastStepUnsupportedError, ImageFeatures
 from ..method.masking import as_attention_mask, hide_positions
 from ..method.types import ImageSpan, SampleInputs, TokenGrid
 from ..models.building import TinyModelSpec

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import is_true
-from ..method.fast_step import ImageFeatures
+from ..method.family_interface import ImageFeatures
 from ..method.types import SampleInputs, TokenGrid
 from ..models.building import QWEN_CHAT_TEMPLATE, TinyModelSpec, qwen_tokenizer, save_tiny
 from .base import FamilyDescription, ImageLayoutError, ModelFamily, stacked_pixel_values

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..method.fast_step import ImageFeatures
+from ..method.family_interface import ImageFeatures
 from ..method.types import SampleInputs
 from ..models.building import TinyModelSpec
 from ..models.tiny_qwen3 import build_qwen3_vl

@@ -11,14 +11,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..checks import SETUP_KEYS, check_model_has_image_input, check_projector_lr_config, check_training_config
 from ..config import (
-    SETUP_KEYS,
     AimkpArguments,
     AimkpConfigError,
     argv_value,
-    check_model_has_image_input,
-    check_projector_lr_config,
-    check_training_config,
     is_true,
     parse_aimkp_arguments,
     split_aimkp_argv,

@@ -23,15 +23,12 @@ from transformers import TrainerCallback
 from ..config import AimkpArguments
 from ..method.state import MODALITY_INDEX, STATE_FILE, CurriculumState, ModalityState
 from ..method.types import SampleOutcome
+from .engines import distributed
 
 
 logger = logging.getLogger("llamafactory.aimkp")
 PLOT_FILE = "training_aimkp_curriculum.png"
 METRIC_PREFIX = "aimkp_"
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class AimkpCallback(TrainerCallback):

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 class _HandOff(torch.autograd.Function):
@@ -53,6 +54,11 @@ def surrogate_loss(
 
 def is_deepspeed(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_deepspeed_enabled", False))
+
+
+def distributed() -> bool:
+    """More than one process in the default process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def deepspeed_multiplier(engine: Any) -> float:
@@ -118,3 +124,60 @@ def suspended_zero_hooks(engine: Any) -> Iterator[None]:
         yield
     finally:
         register()
+
+
+def hand_to_deepspeed(
+    accelerator: Any, engine: Any, parameters: Sequence[torch.Tensor], held: Sequence[torch.Tensor | None]
+) -> None:
+    """Give this micro-batch's g (in ``.grad``) to the DeepSpeed engine's own backward, and put the engine's own
+    gradients (``held``) back first: once per micro-step on every rank, a zero g included, since the engine reduces
+    and steps collectively."""
+    gradients = [
+        parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters
+    ]
+    for parameter, previous in zip(parameters, held, strict=True):
+        parameter.grad = previous
+    loss = surrogate_loss(parameters, gradients, deepspeed_multiplier(engine))
+    accelerator.backward(loss, scale_wrt_gas=False)
+
+
+def all_reduce_grads(parameters: Sequence[torch.Tensor]) -> None:
+    """Sum ``.grad`` over ranks (each rank holds its samples' share of Σ_i G_i / N), in one flat collective."""
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
+    dist.all_reduce(flat)
+    offset = 0
+    for parameter in parameters:
+        count = parameter.numel()
+        parameter.grad.copy_(flat[offset : offset + count].view_as(parameter))
+        offset += count
+
+
+@contextlib.contextmanager
+def engine_gradients(trainer: Any, engine: Any, parameters: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The engine's gradient plumbing around one AimKP micro-step, whose g is written into ``.grad`` inside.
+
+    - DeepSpeed: the engine's own gradients are set aside and its ZeRO hooks suspended while the step runs; at the
+      end g goes to the engine's backward (:func:`hand_to_deepspeed`).
+    - DDP: the step runs under ``no_sync``; at the synchronising micro-step ``.grad`` is summed over the ranks
+      (:func:`all_reduce_grads`).
+    - Single process: nothing.
+
+    Nothing is handed on when the step raises.
+    """
+    accelerator = trainer.accelerator
+    if is_deepspeed(trainer):
+        held = [parameter.grad for parameter in parameters]
+        for parameter in parameters:
+            parameter.grad = None
+        check_engine_optimizer(engine)
+        with suspended_zero_hooks(engine):
+            yield
+        hand_to_deepspeed(accelerator, engine, parameters, held)
+        return
+    with accelerator.no_sync(engine) if distributed() else contextlib.nullcontext():
+        yield
+    if accelerator.gradient_state.sync_gradients and distributed():
+        all_reduce_grads(parameters)

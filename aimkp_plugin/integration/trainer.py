@@ -17,7 +17,6 @@ keyphrase metrics (:mod:`.evaluation`). Otherwise the subclass behaves exactly l
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -27,23 +26,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import DEEPSPEED_STAGES, AimkpConfigError
+from ..checks import DEEPSPEED_STAGES
+from ..config import AimkpArguments, AimkpConfigError
 from ..families import GenericFamily, ModelFamily, family_for
 from ..families.base import attention_mask_dtype
-from ..method.fast_step import (
-    FastStepLayout,
-    FastStepUnsupportedError,
-    fast_batch_step,
-    fast_step_layout,
-    resolve_share_prefix,
-)
+from ..method.family_interface import FastStepUnsupportedError
+from ..method.fast_layout import FastStepLayout, fast_step_layout, resolve_share_prefix
+from ..method.fast_step import fast_batch_step
 from ..method.step import reference_sample_step
-from ..method.types import IGNORE_INDEX, StepConfig
+from ..method.types import IGNORE_INDEX, SampleInputs, SampleOutcome, StepConfig
 from . import patching
 from .args import active_arguments
 from .batches import BatchSplitter
-from .callback import AimkpCallback, distributed
-from .engines import check_engine_optimizer, deepspeed_multiplier, is_deepspeed, surrogate_loss, suspended_zero_hooks
+from .callback import AimkpCallback
+from .engines import distributed, engine_gradients
 from .evaluation import PREDICTIONS_FOLDER, KeyphraseMetrics, keyphrase_evaluation
 
 
@@ -84,6 +80,19 @@ class IndexPassingCollator:
         return getattr(self.collator, name)
 
 
+def step_config(arguments: AimkpArguments) -> StepConfig:
+    """The step's settings and the fast step's knobs from a run's AimKP arguments (0 there means automatic)."""
+    return StepConfig(
+        modalities=arguments.aimkp_modalities,
+        thresholds=arguments.threshold,
+        filtering=arguments.aimkp_filter,
+        progressive=arguments.aimkp_progressive,
+        max_tokens_per_forward=arguments.aimkp_fast_max_tokens or None,
+        max_buffer_bytes=arguments.aimkp_fast_buffer_mb * 2**20 or None,
+        share_prefix=arguments.share_prefix,
+    )
+
+
 def sharing_words(share_from: float | None) -> str:
     """How the fast step treats the text copies' shared prefix, from :func:`resolve_share_prefix`'s answer."""
     if share_from is None:
@@ -95,51 +104,63 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
     """LLaMA-Factory's ``CustomSeq2SeqTrainer`` that runs the AimKP step when the run's config has ``aimkp: true``
     (and is exactly LLaMA-Factory's trainer otherwise)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        arguments = active_arguments()
-        self.aimkp = arguments if arguments is not None and arguments.aimkp else None
-        self.aimkp_projector_lr = arguments.aimkp_projector_lr if arguments is not None else None
+    def __init__(self, *args: Any, aimkp_arguments: AimkpArguments | None = None, **kwargs: Any) -> None:
+        """``aimkp_arguments``: the run's AimKP options (the patched workflow passes the ones its config held);
+        None or ``aimkp: false`` is LLaMA-Factory's trainer, with the keyphrase evaluation and the projector's
+        learning rate where asked for."""
+        self.aimkp = aimkp_arguments if aimkp_arguments is not None and aimkp_arguments.aimkp else None
+        self.aimkp_projector_lr = aimkp_arguments.aimkp_projector_lr if aimkp_arguments is not None else None
         self.aimkp_callback: AimkpCallback | None = None
-        train_dataset = kwargs.get("train_dataset")
-        if self.aimkp is not None and train_dataset is not None:
-            fingerprints = sample_fingerprints(train_dataset)
-            kwargs["train_dataset"] = train_dataset.add_column(INDEX_COLUMN, list(range(len(fingerprints))))
-            kwargs["data_collator"] = IndexPassingCollator(kwargs["data_collator"])
-            self.aimkp_callback = AimkpCallback(self.aimkp, fingerprints)
-            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.aimkp_callback]
-        self.aimkp_generation: dict[str, Any] | None = None
-        self.aimkp_eval_prefix: str | None = None
-        metrics = None
-        if keyphrase_evaluation() and kwargs.get("gen_kwargs") is not None:
-            self.aimkp_generation = dict(kwargs["gen_kwargs"])
-            tokenizer = kwargs.get("processing_class", kwargs.get("tokenizer"))
-            metrics = KeyphraseMetrics(tokenizer, kwargs.get("compute_metrics"))
-            kwargs["compute_metrics"] = metrics
+        if self.aimkp is not None and kwargs.get("train_dataset") is not None:
+            self._aimkp_index_samples(kwargs)
+        metrics = self._aimkp_keyphrase_metrics(kwargs)
         super().__init__(*args, **kwargs)
         if metrics is not None:
             metrics.predictions_file = self._aimkp_predictions_file
         if self.aimkp_callback is not None:
-            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-            if plugin is not None and plugin.zero_stage not in DEEPSPEED_STAGES:
-                raise AimkpConfigError(
-                    f"aimkp: true supports DeepSpeed ZeRO stages {', '.join(map(str, DEEPSPEED_STAGES))}, not "
-                    f"ZeRO-{plugin.zero_stage} (README, Supported engines). Use a ZeRO-2 config, or DDP."
-                )
-            core = self.accelerator.unwrap_model(self.model)
-            self.aimkp_family = self._aimkp_family(core)
-            self.aimkp_splitter = BatchSplitter(core.config, self.processing_class, self.aimkp_family)
-            self.aimkp_config = StepConfig(
-                modalities=self.aimkp.aimkp_modalities,
-                thresholds=self.aimkp.threshold,
-                filtering=self.aimkp.aimkp_filter,
-                progressive=self.aimkp.aimkp_progressive,
+            self._aimkp_prepare_step()
+
+    def _aimkp_index_samples(self, kwargs: dict[str, Any]) -> None:
+        """Give every training sample its index (a dataset column the collator turns into a batch tensor), and the
+        callback that holds the curriculum of those indices."""
+        train_dataset = kwargs["train_dataset"]
+        fingerprints = sample_fingerprints(train_dataset)
+        kwargs["train_dataset"] = train_dataset.add_column(INDEX_COLUMN, list(range(len(fingerprints))))
+        kwargs["data_collator"] = IndexPassingCollator(kwargs["data_collator"])
+        self.aimkp_callback = AimkpCallback(self.aimkp, fingerprints)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.aimkp_callback]
+
+    def _aimkp_keyphrase_metrics(self, kwargs: dict[str, Any]) -> KeyphraseMetrics | None:
+        """With ``cmkp`` evaluation data and generation keys: the keyphrase metrics in place of ``compute_metrics``."""
+        self.aimkp_generation: dict[str, Any] | None = None
+        self.aimkp_eval_prefix: str | None = None
+        if not keyphrase_evaluation() or kwargs.get("gen_kwargs") is None:
+            return None
+        self.aimkp_generation = dict(kwargs["gen_kwargs"])
+        tokenizer = kwargs.get("processing_class", kwargs.get("tokenizer"))
+        metrics = KeyphraseMetrics(tokenizer, kwargs.get("compute_metrics"))
+        kwargs["compute_metrics"] = metrics
+        return metrics
+
+    def _aimkp_prepare_step(self) -> None:
+        """Everything the step needs from the built model: the engine checked, the family, the batch splitter, the
+        step's settings, the reference step's mask and removal, and the fast step's layout."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage not in DEEPSPEED_STAGES:
+            raise AimkpConfigError(
+                f"aimkp: true supports DeepSpeed ZeRO stages {', '.join(map(str, DEEPSPEED_STAGES))}, not "
+                f"ZeRO-{plugin.zero_stage} (README, Supported engines). Use a ZeRO-2 config, or DDP."
             )
-            self.aimkp_step_tokens = 0.0
-            compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float32
-            self.aimkp_mask_dtype = attention_mask_dtype(core, compute_dtype)
-            self.aimkp_reference_mask = self.aimkp_family.reference_mask_builder(core)
-            self.aimkp_removal = self.aimkp_family.token_removal(core)
-            self.aimkp_layout = self._aimkp_fast_layout()
+        core = self.accelerator.unwrap_model(self.model)
+        self.aimkp_family = self._aimkp_family(core)
+        self.aimkp_splitter = BatchSplitter(core.config, self.processing_class, self.aimkp_family)
+        self.aimkp_config = step_config(self.aimkp)
+        self.aimkp_step_tokens = 0.0
+        compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float32
+        self.aimkp_mask_dtype = attention_mask_dtype(core, compute_dtype)
+        self.aimkp_reference_mask = self.aimkp_family.reference_mask_builder(core)
+        self.aimkp_removal = self.aimkp_family.token_removal(core)
+        self.aimkp_layout = self._aimkp_fast_layout()
 
     @staticmethod
     def _aimkp_family(model: Any) -> ModelFamily:
@@ -244,59 +265,43 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         inputs = self._prepare_inputs(inputs)
         core = self.accelerator.unwrap_model(model)
         parameters = [parameter for parameter in core.parameters() if parameter.requires_grad]
+        with engine_gradients(self, model, parameters):
+            outcomes = self._aimkp_step(core, parameters, self.aimkp_splitter.split(inputs, indices))
+        self.aimkp_callback.record(outcomes)
+        if self.accelerator.gradient_state.sync_gradients:
+            self.aimkp_callback.synchronise()
+        scale = self.accelerator.num_processes if distributed() else 1
+        loss = sum(outcome.original_loss_sum for outcome in outcomes) / max(self.aimkp_step_tokens, 1.0) * scale
+        return torch.tensor(loss, device=self.args.device)
+
+    def _aimkp_step(
+        self, core: Any, parameters: list[torch.Tensor], samples: list[SampleInputs]
+    ) -> list[SampleOutcome]:
+        """The AimKP step of one micro-batch (gradients into ``.grad``): the fast step where the model has one, the
+        reference step for the rest (every sample without a fast layout, and those the fast step leaves to it)."""
+        state, config = self.aimkp_callback.state, self.aimkp_config
         total = max(self.aimkp_step_tokens, 1.0)
         epoch = int(self.state.epoch or 0)
-        outcomes = []
-        deepspeed = is_deepspeed(self)
-        held_grads = [parameter.grad for parameter in parameters] if deepspeed else []
-        if deepspeed:  # the engine's own gradients stay apart while the step writes this micro-batch's g
-            for parameter in parameters:
-                parameter.grad = None
-            check_engine_optimizer(model)
-            sync = suspended_zero_hooks(model)
-        else:
-            sync = self.accelerator.no_sync(model) if distributed() else contextlib.nullcontext()
-        state, config = self.aimkp_callback.state, self.aimkp_config
-        with sync:
-            samples = self.aimkp_splitter.split(inputs, indices)
-            if self.aimkp_layout is not None:
-                outcomes, left_to_reference = fast_batch_step(
-                    self.aimkp_layout,
-                    samples,
+        outcomes: list[SampleOutcome] = []
+        if self.aimkp_layout is not None:
+            outcomes, left_to_reference = fast_batch_step(self.aimkp_layout, samples, state, config, total, epoch)
+            samples = [samples[position] for position in left_to_reference]
+        for sample in samples:
+            outcomes.append(
+                reference_sample_step(
+                    core,
+                    parameters,
+                    sample,
                     state,
                     config,
                     total,
+                    self.aimkp_mask_dtype,
                     epoch,
-                    self.aimkp.aimkp_fast_max_tokens,
-                    self.aimkp.aimkp_fast_buffer_mb * 2**20 or None,
-                    self.aimkp.share_prefix,
+                    self.aimkp_reference_mask,
+                    self.aimkp_removal,
                 )
-                samples = [samples[position] for position in left_to_reference]
-            for sample in samples:
-                outcomes.append(
-                    reference_sample_step(
-                        core,
-                        parameters,
-                        sample,
-                        state,
-                        config,
-                        total,
-                        self.aimkp_mask_dtype,
-                        epoch,
-                        self.aimkp_reference_mask,
-                        self.aimkp_removal,
-                    )
-                )
-        self.aimkp_callback.record(outcomes)
-        if deepspeed:
-            self._aimkp_hand_to_deepspeed(model, parameters, held_grads)
-        if self.accelerator.gradient_state.sync_gradients:
-            if distributed() and not deepspeed:
-                self._aimkp_all_reduce(parameters)
-            self.aimkp_callback.synchronise()
-        scale = self.accelerator.num_processes if distributed() else 1
-        loss = sum(outcome.original_loss_sum for outcome in outcomes) / total * scale
-        return torch.tensor(loss, device=self.args.device)
+            )
+        return outcomes
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval", **gen_kwargs: Any
@@ -323,30 +328,6 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         name = f"{self.aimkp_eval_prefix}_{when}.jsonl"
         return Path(self.args.output_dir) / PREDICTIONS_FOLDER / name
 
-    def _aimkp_hand_to_deepspeed(self, engine: Any, parameters: list[torch.Tensor], held: list[Any]) -> None:
-        """Give this micro-batch's g (in ``.grad``) to the DeepSpeed engine's own backward (:mod:`.engines`): once
-        per micro-step on every rank, a zero g included, since the engine reduces and steps collectively."""
-        gradients = [
-            parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters
-        ]
-        for parameter, previous in zip(parameters, held, strict=True):
-            parameter.grad = previous
-        loss = surrogate_loss(parameters, gradients, deepspeed_multiplier(engine))
-        self.accelerator.backward(loss, scale_wrt_gas=False)
-
-    def _aimkp_all_reduce(self, parameters: list[torch.Tensor]) -> None:
-        """Sum ``.grad`` over ranks (each rank holds its samples' share of Σ_i G_i / N)."""
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
-        dist.all_reduce(flat)
-        offset = 0
-        for parameter in parameters:
-            count = parameter.numel()
-            parameter.grad.copy_(flat[offset : offset + count].view_as(parameter))
-            offset += count
-
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.aimkp_callback is not None and "loss" in logs:
             metrics = self.aimkp_callback.log_metrics()
@@ -355,14 +336,21 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         super().log(logs, *args, **kwargs)
 
 
+def trainer_for_run(*args: Any, **kwargs: Any) -> AimkpSeq2SeqTrainer:
+    """The trainer ``run_sft`` builds, given the AimKP options of the config this process read
+    (:func:`~.args.active_arguments`)."""
+    return AimkpSeq2SeqTrainer(*args, aimkp_arguments=active_arguments(), **kwargs)
+
+
 def _patch_train_sft_workflow_trainer(module: ModuleType) -> None:
-    """Replace ``llamafactory.train.sft.workflow.CustomSeq2SeqTrainer`` by a subclass that runs the AimKP step.
+    """Replace ``llamafactory.train.sft.workflow.CustomSeq2SeqTrainer`` by :func:`trainer_for_run`, which builds
+    the subclass that runs the AimKP step with the run's AimKP options.
 
     Why: ``run_sft`` builds its trainer from that name and the v0 trainer has no hook for a custom step. The subclass
     changes nothing unless the run's config has ``aimkp: true``. It subclasses ``llamafactory.train.sft.trainer.
     CustomSeq2SeqTrainer``, the class ``workflow`` imported by that name. Tested on llamafactory 0.9.5.
     """
-    patching.replace_attribute(module, "CustomSeq2SeqTrainer", "aimkp_trainer", lambda _: AimkpSeq2SeqTrainer)
+    patching.replace_attribute(module, "CustomSeq2SeqTrainer", "aimkp_trainer", lambda _: trainer_for_run)
 
 
 patching.release_patches()  # the patches held while LLaMA-Factory's trainer was imported (the workflow's, above)

@@ -15,14 +15,11 @@ Pure torch: the model is any callable returning logits, so the same code runs in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
+from .family_interface import TokenRemoval
 from .filtering import gradient_cosine, keep_copy, variant_weight
 from .masking import visibility_attention_mask
 from .state import CurriculumState
@@ -33,31 +30,6 @@ from .variants import hidden_for, kept_positions, planned_copies, summed_cross_e
 # A model family's attention pattern for a copy: (sample, hidden positions, mask dtype) -> the ``attention_mask``
 # argument of the model (a (1, 1, L, L) mask, or one per layer type). None: causal, with the hidden columns cleared.
 AttentionMaskBuilder = Callable[[SampleInputs, list[int], torch.dtype], object]
-
-
-@dataclass(frozen=True)
-class TokenRemoval:
-    """How a copy runs with its hidden tokens removed: ``module`` is the decoder stack that receives
-    ``inputs_embeds``, and ``keep_inputs(kwargs, keep)`` turns its keyword arguments for the whole sequence into
-    those for the kept positions ``keep`` (each at its original position ids)."""
-
-    module: nn.Module
-    keep_inputs: Callable[[dict[str, Any], torch.Tensor], dict[str, Any]]
-
-    @contextmanager
-    def keeping(self, keep: torch.Tensor) -> Iterator[None]:
-        """While active, every call of :attr:`module` sees only the positions ``keep``."""
-
-        def gather(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-            if args:
-                raise RuntimeError(f"aimkp: {type(module).__name__} was called with positional inputs")
-            return args, self.keep_inputs(kwargs, keep)
-
-        handle = self.module.register_forward_pre_hook(gather, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
 
 
 def copy_logits(

@@ -82,10 +82,17 @@ class SampleInputs:
 
 @dataclass
 class StepConfig:
+    """What a step is asked to do (the spec's settings), and the fast step's knobs, which never change a number:
+    ``max_tokens_per_forward`` (None: automatic), ``max_buffer_bytes`` (None: no limit) and ``share_prefix`` (None:
+    automatic)."""
+
     modalities: Sequence[str]
     thresholds: dict[str, float]
     filtering: bool = True
     progressive: bool = True
+    max_tokens_per_forward: int | None = None
+    max_buffer_bytes: int | None = None
+    share_prefix: bool | None = None
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The parts every tiny-model builder shares: the spec that keys the build cache, a byte-level BPE tokenizer trained
 locally on the bundled CMKP posts, and the chat templates of the tiny checkpoints.
 
-The builders themselves live in the family modules (``aimkp_plugin.families``); ``aimkp_plugin.models.tiny`` builds
-and caches them.
+The builders themselves live in ``tiny_<family>.py`` modules here (the shortest ones in their family's module); every
+family's ``build_tiny`` calls its builder, and ``aimkp_plugin.models.tiny`` builds and caches them.
 """
 
 from __future__ import annotations

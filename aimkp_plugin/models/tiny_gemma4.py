@@ -16,9 +16,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .building import TinyModelSpec, local_tokenizer, save_tiny
+
+
+if TYPE_CHECKING:
+    from transformers import Gemma4Config
 
 
 # pad/eos/bos/unk get ids 0/1/2/3, as in the real Gemma tokenizer (and Gemma4TextConfig's defaults)
@@ -83,22 +87,12 @@ def gemma4_tokenizer(spec: TinyModelSpec) -> Any:
     )
 
 
-def build_gemma4(spec: TinyModelSpec, out: Path) -> None:
-    """Write the tiny Gemma 4 of ``spec`` (weights, config, tokenizer, processor, chat template) into ``out``."""
-    import torch
-    from transformers import (
-        Gemma4AudioFeatureExtractor,
-        Gemma4Config,
-        Gemma4ForConditionalGeneration,
-        Gemma4ImageProcessor,
-        Gemma4Processor,
-        Gemma4VideoProcessor,
-    )
-
-    tokenizer = gemma4_tokenizer(spec)
+def gemma4_text_config(spec: TinyModelSpec, tokenizer: Any) -> dict[str, Any]:
+    """The language model's config: ``num_layers - 1`` sliding-window layers, then one full-attention layer; token
+    ids from ``tokenizer``."""
     vocab = tokenizer.get_vocab()
     head_dim = spec.hidden_size // spec.num_heads  # 16 (Gemma4TextConfig defaults to 256, and 512 for global)
-    text_config = {
+    return {
         "vocab_size": len(tokenizer),
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
@@ -123,6 +117,14 @@ def build_gemma4(spec: TinyModelSpec, out: Path) -> None:
         "bos_token_id": vocab["<bos>"],
         "tie_word_embeddings": False,
     }
+
+
+def gemma4_config(spec: TinyModelSpec, tokenizer: Any) -> Gemma4Config:
+    """The tiny Gemma 4's config: text and vision config of ``spec``, no audio, token ids from ``tokenizer``."""
+    from transformers import Gemma4Config
+
+    text_config = gemma4_text_config(spec, tokenizer)
+    vocab = tokenizer.get_vocab()
     vision_config = {
         "hidden_size": spec.vision_hidden_size,
         "intermediate_size": spec.vision_hidden_size * 2,
@@ -135,7 +137,7 @@ def build_gemma4(spec: TinyModelSpec, out: Path) -> None:
         # one learned row per patch coordinate: the longest side has at most max_soft_tokens * pooling patches
         "position_embedding_size": TINY_MAX_SOFT_TOKENS * TINY_POOLING + 46,
     }
-    config = Gemma4Config(
+    return Gemma4Config(
         text_config=text_config,
         vision_config=vision_config,
         audio_config=None,
@@ -148,6 +150,22 @@ def build_gemma4(spec: TinyModelSpec, out: Path) -> None:
         eoa_token_index=vocab["<audio|>"],
         tie_word_embeddings=False,
     )
+
+
+def build_gemma4(spec: TinyModelSpec, out: Path) -> None:
+    """Write the tiny Gemma 4 of ``spec`` (weights, config, tokenizer, processor, chat template) into ``out``."""
+    import torch
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4ForConditionalGeneration,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    tokenizer = gemma4_tokenizer(spec)
+    vocab = tokenizer.get_vocab()
+    config = gemma4_config(spec, tokenizer)
     model = Gemma4ForConditionalGeneration(config)
     with torch.no_grad():  # a random projector (and random patch positions), every weight away from zero
         for parameter in (

@@ -20,9 +20,13 @@ with template ``glm4v`` (or ``glm4_5v``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .building import CLIP_MEAN, CLIP_STD, TinyModelSpec, local_tokenizer, save_tiny
+
+
+if TYPE_CHECKING:
+    from transformers import Glm4vConfig
 
 
 GLM4V_SPECIAL_TOKENS = (
@@ -73,18 +77,10 @@ def random_nonzero_(module: Any, std: float = 0.02) -> None:
             parameter.normal_(mean=1.0 if is_norm_weight else 0.0, std=std)
 
 
-def build_glm4v(spec: TinyModelSpec, out: Path) -> None:
-    """Write the tiny GLM-4.1V of ``spec`` to ``out`` (weights, config, tokenizer, processor, chat template)."""
-    import torch
-    from transformers import (
-        Glm4vConfig,
-        Glm4vForConditionalGeneration,
-        Glm4vImageProcessor,
-        Glm4vProcessor,
-        Glm4vVideoProcessor,
-    )
+def glm4v_config(spec: TinyModelSpec, tokenizer: Any) -> Glm4vConfig:
+    """The tiny GLM-4.1V's config: text and vision config of ``spec``, token ids from ``tokenizer``."""
+    from transformers import Glm4vConfig
 
-    tokenizer = glm4v_tokenizer(spec)
     vocab = tokenizer.get_vocab()
     head_dim = spec.hidden_size // spec.num_heads  # 16; partial rotary 0.5 -> 8 rotary dims, 4 frequencies
     frequencies = head_dim // 4
@@ -116,7 +112,7 @@ def build_glm4v(spec: TinyModelSpec, out: Path) -> None:
         "out_hidden_size": spec.hidden_size,  # downsample and merger project into the language width
         "intermediate_size": spec.intermediate_size,
     }
-    config = Glm4vConfig(
+    return Glm4vConfig(
         text_config=text,
         vision_config=vision,
         image_token_id=vocab["<|image|>"],
@@ -127,6 +123,21 @@ def build_glm4v(spec: TinyModelSpec, out: Path) -> None:
         video_end_token_id=vocab["<|end_of_video|>"],
         tie_word_embeddings=False,
     )
+
+
+def build_glm4v(spec: TinyModelSpec, out: Path) -> None:
+    """Write the tiny GLM-4.1V of ``spec`` to ``out`` (weights, config, tokenizer, processor, chat template)."""
+    import torch
+    from transformers import (
+        Glm4vForConditionalGeneration,
+        Glm4vImageProcessor,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
+    )
+
+    tokenizer = glm4v_tokenizer(spec)
+    vocab = tokenizer.get_vocab()
+    config = glm4v_config(spec, tokenizer)
     model = Glm4vForConditionalGeneration(config)
     visual = model.model.visual
     random_nonzero_(visual.merger)
