@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -16,18 +15,10 @@ import yaml
 
 from aimkp_plugin.cli import PTH_NAME
 
-from .conftest import REPO, read_trace, subprocess_env, tiny_train_config
+from .helpers import REPO, TRAIN_PATCHES, read_trace, run_python, subprocess_env, tiny_train_config
 
 
-TRAIN_PATCHES = {  # the patches a training process (llamafactory-cli train, torchrun ranks) applies
-    "_patch_hparams_parser_read_args",
-    "_patch_data_parser_dataset_attr_join",
-    "_patch_data_converter_register_cmkp",
-    "_patch_data_loader_load_single_dataset",
-    "_patch_train_tuner_training_function",
-    "_patch_train_sft_workflow_trainer",
-}
-WEBUI_PATCHES = {  # and those only the web UI process imports
+WEBUI_PATCHES = {  # the patches only the web UI process applies (TRAIN_PATCHES: the training ones)
     "_patch_webui_common_clean_cmd",
     "_patch_webui_locales_add_aimkp",
     "_patch_webui_runner_parse_train_args",
@@ -48,12 +39,6 @@ try:
 except Exception as err:
     print(type(err).__name__, err)
 """
-
-
-def run_python(*code: str, cwd: Path = REPO, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
-    """Run the code parts (each dedented on its own) in a fresh interpreter of the test environment."""
-    script = "\n".join(textwrap.dedent(part) for part in code)
-    return subprocess.run([python, "-c", script], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
 
 
 def test_pth_file_is_installed_next_to_the_packages() -> None:

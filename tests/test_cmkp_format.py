@@ -22,7 +22,7 @@ from aimkp_plugin.data.cmkp import (
 )
 from aimkp_plugin.data.demo import draw_post_image, write_post_images
 
-from .conftest import llamafactory_data, tiny_train_config
+from .helpers import load_through_llamafactory, tiny_train_config
 
 
 # ---------------------------------------------------------------- parsing, pure
@@ -72,15 +72,6 @@ def test_raw_and_aimkp_json_forms_of_the_real_validation_split_agree(cmkp_data: 
 
 
 # ---------------------------------------------------------------- through LLaMA-Factory's own loader
-
-
-def load_through_llamafactory(model: Path, template: str, dataset_dir: Path, dataset: str, tmp_path: Path, **extra):
-    """The tokenized training set of ``dataset`` and its tokenizer, as ``run_sft`` builds them."""
-    extra.setdefault("max_samples", None)
-    train, tokenizer_module, _ = llamafactory_data(
-        model, template, dataset_dir, tmp_path / "out", dataset=dataset, **extra
-    )
-    return train, tokenizer_module["tokenizer"]
 
 
 @pytest.mark.parametrize(

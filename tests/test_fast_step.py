@@ -27,10 +27,19 @@ from aimkp_plugin.method.state import CurriculumState, ModalityState
 from aimkp_plugin.method.step import reference_sample_step
 from aimkp_plugin.method.types import StepConfig
 
-from .conftest import run_llamafactory
-from .helpers import FAMILY_BY_NAME, images_of, norms_in_input_dtype, qwen3_5_moe_model, template_of
-from .test_aimkp_step import FAMILIES, llamafactory_batch
-from .test_aimkp_training import aimkp_config, assert_same_adapter, read_state
+from .helpers import (
+    FAMILY_BY_NAME,
+    FAMILY_INPUTS,
+    aimkp_config,
+    assert_same_adapter,
+    images_of,
+    llamafactory_batch,
+    norms_in_input_dtype,
+    qwen3_5_moe_model,
+    read_state,
+    run_llamafactory,
+    template_of,
+)
 
 
 BATCH = 4
@@ -120,7 +129,7 @@ def summary(outcomes) -> list:
 @pytest.fixture(
     scope="module",
     params=[
-        *FAMILIES,
+        *FAMILY_INPUTS,
         "llava-checkpointing",
         "qwen3_5-checkpointing",
         "llava-vision",
@@ -132,7 +141,7 @@ def summary(outcomes) -> list:
 )
 def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
     family = request.param.split("-")[0]
-    template, images = FAMILIES[family]
+    template, images = FAMILY_INPUTS[family]
     path = tiny_models[family]
     if request.param == "qwen3_5-moe":  # Qwen3.5's MoE sizes: the qwen3_5 family's second model type
         path = qwen3_5_moe_model(path, tmp_path_factory.mktemp("qwen3_5_moe") / "model")
@@ -252,7 +261,7 @@ def test_shared_prefix_is_left_out_with_dropout(tiny_models: dict, cmkp_workspac
     apart, and an explicit request stops with the dropout named and the fix."""
     from aimkp_plugin.method import fast_step
 
-    template, images = FAMILIES["llava"]
+    template, images = FAMILY_INPUTS["llava"]
     batch, tokenizer = llamafactory_batch(tiny_models["llava"], template, cmkp_workspace, tmp_path, BATCH, images)
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
     model = lora_model(tiny_models["llava"], "llava", checkpointing=False, dropout=0.3)
@@ -482,7 +491,7 @@ TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
 # on the rest
 FIVE_STEP_RUNS = [
     (family, setup)
-    for family in FAMILIES
+    for family in FAMILY_INPUTS
     if family != "qwen2_5_vl"
     for setup in (
         TRAINING_SETUPS
@@ -502,10 +511,10 @@ def test_five_optimizer_steps_match_the_reference(
     def train(impl: str) -> subprocess.CompletedProcess:
         config = aimkp_config(
             tiny_models[family],
-            FAMILIES[family][0],
+            FAMILY_INPUTS[family][0],
             cmkp_workspace,
             outputs[impl],
-            media_dir=str(cmkp_workspace / FAMILIES[family][1]),
+            media_dir=str(cmkp_workspace / FAMILY_INPUTS[family][1]),
             aimkp_impl=impl,
             aimkp_init_stride=2,
             max_samples=2 * batch * accumulation,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import REPO, subprocess_env
+from .helpers import REPO, subprocess_env
 
 
 def test_generator_is_deterministic_and_mixes_signals(tmp_path: Path) -> None:

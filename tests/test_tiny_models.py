@@ -7,8 +7,7 @@ from pathlib import Path
 
 from aimkp_plugin.models.tiny import BUILD_MARKER, TINY_MODELS, build_tiny_model
 
-from .conftest import TINY_DIR, tiny_train_config
-from .test_cmkp_format import load_through_llamafactory
+from .helpers import TINY_DIR, load_through_llamafactory, tiny_train_config
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -83,7 +82,7 @@ def test_cli_names_unknown_tiny_models_and_its_parser_imports_no_torch(tmp_path:
     import subprocess
     import sys
 
-    from .conftest import subprocess_env
+    from .helpers import subprocess_env
 
     result = subprocess.run(
         ["aimkp", "models", "tiny", "--out", str(tmp_path), "--name", "llava", "bogus"],
