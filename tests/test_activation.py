@@ -69,6 +69,7 @@ def test_plain_python_start_imports_nothing_heavy() -> None:
     assert report == {"heavy": [], "ours": ours, "finder": True}
 
 
+@pytest.mark.e2e
 def test_doctor_reports_every_patch_applied() -> None:
     result = subprocess.run(["aimkp", "doctor"], env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
     assert "could not patch" not in result.stderr  # the report below is what happened
@@ -78,6 +79,7 @@ def test_doctor_reports_every_patch_applied() -> None:
     assert report["llamafactory"].startswith("0.9.5")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "program",
     [
@@ -121,6 +123,7 @@ def test_patches_are_idempotent_and_revertible() -> None:
     assert getattr(parser.read_args, patching.PATCH_MARKER) == "read_args"
 
 
+@pytest.mark.e2e
 def test_disable_switch_turns_the_plugin_off_but_never_trains_without_aimkp(tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
     result = run_python(
@@ -134,6 +137,7 @@ def test_disable_switch_turns_the_plugin_off_but_never_trains_without_aimkp(tmp_
     assert {event["patch"] for event in read_trace(trace)} == {"_patch_hparams_parser_refuse_aimkp"}
 
 
+@pytest.mark.e2e
 def test_failing_patch_prints_one_line_and_aimkp_refuses_to_train() -> None:
     result = run_python(
         """
@@ -154,6 +158,7 @@ def test_failing_patch_prints_one_line_and_aimkp_refuses_to_train() -> None:
     assert "AimkpNotActiveError" in result.stdout and "_patch_broken" in result.stdout
 
 
+@pytest.mark.e2e
 def test_unsupported_llamafactory_version_is_named_with_the_fix() -> None:
     result = run_python(
         """
@@ -180,6 +185,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return next(out.glob("aimkp_plugin-*.whl"))
 
 
+@pytest.mark.e2e
 def test_wheel_ships_the_pth_and_package_data(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert PTH_NAME in names
@@ -187,6 +193,7 @@ def test_wheel_ships_the_pth_and_package_data(wheel: Path) -> None:
     assert "aimkp_plugin/resources/cmkp_tiny/train_src.txt" in names
 
 
+@pytest.mark.e2e
 def test_regular_install_activates_in_llamafactory_cli_train(
     wheel: Path, tmp_path: Path, tiny_models: dict, cmkp_workspace: Path
 ) -> None:

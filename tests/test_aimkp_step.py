@@ -140,6 +140,7 @@ def flat(gradients: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([gradient.reshape(-1) for gradient in gradients])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", list(FAMILY_INPUTS))
 def test_reference_step_matches_one_variant_at_a_time_ground_truth(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
@@ -318,6 +319,7 @@ def test_per_token_keys_are_padded_to_the_input_ids(tiny_models: dict, cmkp_work
         assert types.shape == ids.shape and torch.equal(types == 1, ids == config.image_token_id)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("size", [1, 2])
 @pytest.mark.parametrize("family", list(FAMILY_INPUTS))
 def test_hidden_tokens_do_not_influence_the_kept_tokens(

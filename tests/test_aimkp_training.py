@@ -24,6 +24,8 @@ from .helpers import (
 )
 
 
+pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli
+
 # Qwen2.5-VL differs from Qwen2-VL only in its vision tower's config: its runs are left to the step tests
 TRAINED_FAMILIES = [family for family in FAMILY_NAMES if family != "qwen2_5_vl"]
 MODALITIES = ("text", "image")

@@ -218,6 +218,7 @@ def test_unsupported_file_type_is_named(tmp_path: Path) -> None:
         list(iter_records(path))
 
 
+@pytest.mark.e2e
 def test_cli_training_stops_on_bad_records(tiny_models: dict, bad_dataset: Path, tmp_path: Path, llamafactory_runner):
     config = tiny_train_config(tiny_models["llava"], "llava", bad_dataset, tmp_path / "out", dataset="bad")
     result = llamafactory_runner(config)
@@ -225,6 +226,7 @@ def test_cli_training_stops_on_bad_records(tiny_models: dict, bad_dataset: Path,
     assert "CmkpFormatError" in result.stdout and "posts.txt, line 2: expected 3 fields" in result.stdout
 
 
+@pytest.mark.e2e
 def test_cli_training_skips_with_the_yaml_key(
     tiny_models: dict, bad_dataset: Path, tmp_path: Path, llamafactory_runner
 ):
@@ -237,6 +239,7 @@ def test_cli_training_skips_with_the_yaml_key(
     assert (tmp_path / "out" / "aimkp_skipped_records_posts.txt.jsonl").is_file()
 
 
+@pytest.mark.e2e
 def test_truncated_jpeg_stops_the_run_before_the_model_loads(
     tiny_models: dict, bad_dataset: Path, tmp_path: Path, llamafactory_runner
 ):

@@ -15,6 +15,8 @@ import pytest
 from .helpers import REPO, aimkp_config, assert_same_adapter, read_state
 
 
+pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli, most on 2 ranks
+
 DEEPSPEED = REPO / "recipes" / "deepspeed"
 TWO_RANKS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 

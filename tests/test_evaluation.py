@@ -154,6 +154,7 @@ def test_input_setting_shapes_the_prompt(setting: str, tiny_models: dict, cmkp_w
     assert DEFAULT_INSTRUCTION in text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_predict_in_three_settings_and_score(family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
     """The shipped predict recipes' setting key, on the tiny model: each setting predicts and scores."""
@@ -224,6 +225,7 @@ def test_compare_names_a_run_without_predictions(tmp_path: Path) -> None:
     assert result.returncode == 2 and "no generated_predictions.jsonl" in result.stderr
 
 
+@pytest.mark.e2e
 def test_select_best_epoch_by_keyphrase_metrics(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path) -> None:
     """A 2-epoch AimKP run evaluating on cmkp data with generation logs the four keyphrase metrics each epoch, picks
     the best checkpoint by ``eval_aimkp_score``, decodes with the run's generation keys, and its numbers are what
@@ -283,6 +285,7 @@ def test_select_best_epoch_by_keyphrase_metrics(tiny_models: dict, cmkp_workspac
     assert (out / "aimkp_eval" / f"eval_final_step{evaluations[-1]['step']}.jsonl").is_file()
 
 
+@pytest.mark.e2e
 def test_keyphrase_metric_for_best_model_needs_keyphrase_evaluation(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:

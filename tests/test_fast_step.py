@@ -161,6 +161,7 @@ def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pyt
     return model, samples, StepConfig(["text", "image"], thresholds), tokens
 
 
+@pytest.mark.e2e
 def test_fast_step_equals_the_reference_step(case) -> None:
     model, samples, config, tokens = case
     expected, expected_state, expected_grads = run_reference(model, samples, config, tokens)
@@ -181,6 +182,7 @@ def test_fast_step_equals_the_reference_step(case) -> None:
         torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-9, atol=1e-13, msg=name)
 
 
+@pytest.mark.e2e
 def test_fast_step_adds_to_the_gradient_already_there(case) -> None:
     """Gradient accumulation: a later micro-batch adds its share to what earlier ones left in ``.grad``."""
     model, samples, config, tokens = case
@@ -193,6 +195,7 @@ def test_fast_step_adds_to_the_gradient_already_there(case) -> None:
         torch.testing.assert_close(parameter.grad, single + 1, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.e2e
 def test_one_row_per_forward_gives_the_same_result(case) -> None:
     """The grouping of rows into forward passes (padding, batching) does not change a number."""
     model, samples, config, tokens = case
@@ -202,6 +205,7 @@ def test_one_row_per_forward_gives_the_same_result(case) -> None:
         torch.testing.assert_close(first, second, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.e2e
 def test_gradient_checkpointing_stays_on_during_the_fast_step(case, request) -> None:
     """Under LLaMA-Factory's reentrant checkpointing every decoder layer runs twice per pass (a forward without grad,
     then the recomputation in the backward): the step must not make the layers look frozen to its wrapper, which
@@ -223,6 +227,7 @@ def test_gradient_checkpointing_stays_on_during_the_fast_step(case, request) -> 
     assert calls[False] >= 1 and calls[True] == calls[False], calls
 
 
+@pytest.mark.e2e
 def test_shared_prefix_gives_the_same_result(case, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each original and its text copy with their shared prefix computed once per decoder layer (packed rows, two
     backward products): the same cosines and ``.grad`` as the rows apart, in float64, on every family (with and
@@ -393,6 +398,7 @@ def test_pairs_share_passes_of_their_own() -> None:
     assert all(part.pairs == [] for part in passes)
 
 
+@pytest.mark.e2e
 def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> None:
     """``max_buffer_bytes`` small enough for one sample's copies: the micro-batch is trained in 4 groups, each group's
     share added to ``.grad`` before the next; cosines, decisions, states and ``.grad`` are those of one group."""
@@ -413,6 +419,7 @@ def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> No
         torch.testing.assert_close(grouped, whole, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.e2e
 def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None:
     """When the text span runs up to the answer, the reference predicts the first answer token from a hidden token;
     the fast step hands such a sample to the reference step, and the sum is still the all-reference result. Where
@@ -501,6 +508,7 @@ FIVE_STEP_RUNS = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("family", "setup"), FIVE_STEP_RUNS)
 def test_five_optimizer_steps_match_the_reference(
     family: str, setup: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
@@ -544,6 +552,7 @@ def test_five_optimizer_steps_match_the_reference(
     assert fast_state == reference_state
 
 
+@pytest.mark.e2e
 def test_run_with_uncovered_parameters_warns_and_trains_with_the_reference(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ) -> None:
@@ -558,6 +567,7 @@ def test_run_with_uncovered_parameters_warns_and_trains_with_the_reference(
     assert read_state(tmp_path / "out")["text_stride"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
 def test_plain_sft_loss_of_the_moe_families_has_no_router_term(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path

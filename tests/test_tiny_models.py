@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from aimkp_plugin.models.tiny import BUILD_MARKER, TINY_MODELS, build_tiny_model
 
 from .helpers import TINY_DIR, load_through_llamafactory, tiny_train_config
@@ -70,6 +72,7 @@ def test_every_projector_weight_is_random(tiny_models: dict) -> None:
             assert tensor.dim() < 2 or tensor.float().std() > 0, f"{family.name}: {name} is constant"
 
 
+@pytest.mark.e2e
 def test_tiny_qwen2_5vl_trains(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner) -> None:
     path = tiny_models["qwen2_5_vl"]
     config = tiny_train_config(path, "qwen2_vl", cmkp_workspace, tmp_path / "out", max_steps=2)

@@ -16,6 +16,9 @@ from aimkp_plugin.data.cmkp import iter_records
 from .helpers import REPO, TRAIN_PATCHES, read_trace, subprocess_env, tiny_train_config
 
 
+pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli
+
+
 def trainer_losses(output_dir: Path) -> list[float]:
     log = output_dir / "trainer_log.jsonl"
     return [entry["loss"] for entry in map(json.loads, log.read_text().splitlines()) if "loss" in entry]

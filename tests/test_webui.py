@@ -112,6 +112,7 @@ def test_section_inputs_are_bound_to_preview_start_save_and_load(ui: tuple[Any, 
     }
 
 
+@pytest.mark.e2e
 def test_start_writes_a_yaml_that_trains_with_the_section_values(
     ui: tuple[Any, Any], tiny_models: dict, demo_data: Path, tmp_path: Path
 ) -> None:
@@ -233,6 +234,7 @@ patching.registry = lambda *names: {**original(*names), "llamafactory.webui.loca
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("setup", "env", "reason"),
     [
@@ -305,6 +307,7 @@ def webui(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.e2e
 def test_browser_preview_shows_the_section_values(webui: str, tmp_path: Path) -> None:
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium).")
