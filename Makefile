@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup browser demo test lint clean
+.PHONY: setup browser demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ browser:
 test: setup browser
 	ruff check . && ruff format --check .
 	python -m pytest
+
+# The unit layer only: no llamafactory-cli, torchrun or browser runs, nothing slow (tests marked e2e are left out).
+test-fast: setup
+	python -m pytest -m "not e2e"
 
 lint: setup
 	ruff check . && ruff format --check .

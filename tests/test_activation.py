@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -16,18 +15,10 @@ import yaml
 
 from aimkp_plugin.cli import PTH_NAME
 
-from .conftest import REPO, read_trace, subprocess_env, tiny_train_config
+from .helpers import REPO, TRAIN_PATCHES, read_trace, run_python, subprocess_env, tiny_train_config
 
 
-TRAIN_PATCHES = {  # the patches a training process (llamafactory-cli train, torchrun ranks) applies
-    "_patch_hparams_parser_read_args",
-    "_patch_data_parser_dataset_attr_join",
-    "_patch_data_converter_register_cmkp",
-    "_patch_data_loader_load_single_dataset",
-    "_patch_train_tuner_training_function",
-    "_patch_train_sft_workflow_trainer",
-}
-WEBUI_PATCHES = {  # and those only the web UI process imports
+WEBUI_PATCHES = {  # the patches only the web UI process applies (TRAIN_PATCHES: the training ones)
     "_patch_webui_common_clean_cmd",
     "_patch_webui_locales_add_aimkp",
     "_patch_webui_runner_parse_train_args",
@@ -48,12 +39,6 @@ try:
 except Exception as err:
     print(type(err).__name__, err)
 """
-
-
-def run_python(*code: str, cwd: Path = REPO, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
-    """Run the code parts (each dedented on its own) in a fresh interpreter of the test environment."""
-    script = "\n".join(textwrap.dedent(part) for part in code)
-    return subprocess.run([python, "-c", script], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
 
 
 def test_pth_file_is_installed_next_to_the_packages() -> None:
@@ -84,6 +69,7 @@ def test_plain_python_start_imports_nothing_heavy() -> None:
     assert report == {"heavy": [], "ours": ours, "finder": True}
 
 
+@pytest.mark.e2e
 def test_doctor_reports_every_patch_applied() -> None:
     result = subprocess.run(["aimkp", "doctor"], env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
     assert "could not patch" not in result.stderr  # the report below is what happened
@@ -93,6 +79,7 @@ def test_doctor_reports_every_patch_applied() -> None:
     assert report["llamafactory"].startswith("0.9.5")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "program",
     [
@@ -137,6 +124,7 @@ def test_patches_are_idempotent_and_revertible() -> None:
     assert getattr(parser.read_args, patching.PATCH_MARKER) == "read_args"
 
 
+@pytest.mark.e2e
 def test_disable_switch_turns_the_plugin_off_but_never_trains_without_aimkp(tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
     result = run_python(
@@ -150,6 +138,7 @@ def test_disable_switch_turns_the_plugin_off_but_never_trains_without_aimkp(tmp_
     assert {event["patch"] for event in read_trace(trace)} == {"_patch_hparams_parser_refuse_aimkp"}
 
 
+@pytest.mark.e2e
 def test_failing_patch_prints_one_line_and_aimkp_refuses_to_train() -> None:
     result = run_python(
         """
@@ -170,6 +159,7 @@ def test_failing_patch_prints_one_line_and_aimkp_refuses_to_train() -> None:
     assert "AimkpNotActiveError" in result.stdout and "_patch_broken" in result.stdout
 
 
+@pytest.mark.e2e
 def test_unsupported_llamafactory_version_is_named_with_the_fix() -> None:
     result = run_python(
         """
@@ -196,6 +186,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return next(out.glob("aimkp_plugin-*.whl"))
 
 
+@pytest.mark.e2e
 def test_wheel_ships_the_pth_and_package_data(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert PTH_NAME in names
@@ -203,6 +194,7 @@ def test_wheel_ships_the_pth_and_package_data(wheel: Path) -> None:
     assert "aimkp_plugin/resources/cmkp_tiny/train_src.txt" in names
 
 
+@pytest.mark.e2e
 def test_regular_install_activates_in_llamafactory_cli_train(
     wheel: Path, tmp_path: Path, tiny_models: dict, cmkp_workspace: Path
 ) -> None:

@@ -23,58 +23,14 @@ from aimkp_plugin.method.state import CurriculumState, ModalityState, next_modal
 from aimkp_plugin.method.step import reference_sample_step
 from aimkp_plugin.method.types import StepConfig
 
-from .conftest import llamafactory_data
-from .helpers import FAMILY_NAMES, deleting, images_of, kept_positions, norms_in_input_dtype, template_of
+from .helpers import FAMILY_INPUTS, deleting, kept_positions, llamafactory_batch, norms_in_input_dtype
 
 
-# family -> (LLaMA-Factory template, image folder of the workspace): the Qwen3 generation and InternVL read wide
-# pictures, so that their grids are not square (3×7 merged tokens) and their images are tiled (tiles plus a
-# thumbnail); LLaVA-NeXT's anyres unpadding makes the wide picture lose rows
-FAMILIES = {family: (template_of(family), images_of(family)) for family in FAMILY_NAMES}
 STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with text 3; text off, image 8
     (ModalityState(2), ModalityState(2)),
     (ModalityState(3), ModalityState(4, frozen=True)),
     (ModalityState(1), ModalityState(8)),
 ]
-
-
-def llamafactory_batch(
-    model_path: Path,
-    template: str,
-    workspace: Path,
-    tmp_path: Path,
-    size: int,
-    images: str = "images",
-    pad_to_multiple_of: int | None = None,
-):
-    """A real SFT batch of the first ``size`` raw test posts, built by LLaMA-Factory's own data pipeline."""
-    from llamafactory.data import SFTDataCollatorWith4DAttentionMask
-
-    train, tokenizer_module, template_obj = llamafactory_data(
-        model_path,
-        template,
-        workspace,
-        tmp_path / "out",
-        dataset="raw_test",
-        max_samples=size,
-        media_dir=str(workspace / images),
-    )
-    features = [dict(train[index]) for index in range(size)]
-    model = None
-    from llamafactory.extras.constants import MROPE_MODELS
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    if AutoConfig.from_pretrained(model_path).model_type in MROPE_MODELS:  # the collator computes m-rope positions
-        model = AutoModelForImageTextToText.from_pretrained(model_path)  # with the model
-    collator = SFTDataCollatorWith4DAttentionMask(
-        template=template_obj,
-        model=model,
-        pad_to_multiple_of=pad_to_multiple_of,
-        label_pad_token_id=-100,
-        **tokenizer_module,
-    )
-    batch = collator(features)
-    return batch, tokenizer_module["tokenizer"]
 
 
 def load_model(path: Path, attention: str) -> torch.nn.Module:
@@ -184,11 +140,12 @@ def flat(gradients: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([gradient.reshape(-1) for gradient in gradients])
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.e2e
+@pytest.mark.parametrize("family", list(FAMILY_INPUTS))
 def test_reference_step_matches_one_variant_at_a_time_ground_truth(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
-    template, images = FAMILIES[family]
+    template, images = FAMILY_INPUTS[family]
     path = tiny_models[family]
     batch, tokenizer = llamafactory_batch(path, template, cmkp_workspace, tmp_path, size=3, images=images)
     posts = [post for _, post in iter_records(cmkp_workspace / "raw" / "test_src.txt")][:3]
@@ -278,7 +235,7 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
 
 def split_sample(family: str, tiny_models: dict, workspace: Path, tmp_path: Path, size: int = 1):
     """The float64 model and the last sample of a real LLaMA-Factory batch of ``size``."""
-    template, images = FAMILIES[family]
+    template, images = FAMILY_INPUTS[family]
     batch, tokenizer = llamafactory_batch(tiny_models[family], template, workspace, tmp_path, size=size, images=images)
     model = load_model(tiny_models[family], "sdpa").eval()
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
@@ -298,7 +255,7 @@ def plugin_copy_logits(model, sample, hidden: list[int]) -> torch.Tensor:
     return logits[0, kept_positions(logits.shape[1], hidden)]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILY_INPUTS))
 def test_copy_logits_equal_the_model_on_the_sequence_with_the_hidden_tokens_deleted(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
@@ -351,7 +308,7 @@ def test_qwen3_5_copy_equals_the_model_called_on_the_deleted_embeddings(
 def test_per_token_keys_are_padded_to_the_input_ids(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path) -> None:
     """LLaMA-Factory pads ``input_ids`` to a multiple (of 8 in training; 64 here) but Gemma 4's ``mm_token_type_ids``
     only to the longest sample: the splitter pads each row's to its ``input_ids``, aligned with the image tokens."""
-    template, images = FAMILIES["gemma4"]
+    template, images = FAMILY_INPUTS["gemma4"]
     batch, tokenizer = llamafactory_batch(
         tiny_models["gemma4"], template, cmkp_workspace, tmp_path, size=2, images=images, pad_to_multiple_of=64
     )
@@ -362,8 +319,9 @@ def test_per_token_keys_are_padded_to_the_input_ids(tiny_models: dict, cmkp_work
         assert types.shape == ids.shape and torch.equal(types == 1, ids == config.image_token_id)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("size", [1, 2])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILY_INPUTS))
 def test_hidden_tokens_do_not_influence_the_kept_tokens(
     family: str, size: int, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ):
@@ -490,7 +448,7 @@ def test_image_that_does_not_fit_the_family_layout_is_an_error(
 
     from aimkp_plugin.families import ImageLayoutError
 
-    template, images = FAMILIES[family]
+    template, images = FAMILY_INPUTS[family]
     batch, tokenizer = llamafactory_batch(tiny_models[family], template, cmkp_workspace, tmp_path, 1, images)
     config = AutoConfig.from_pretrained(tiny_models[family])
     if family == "qwen2_vl":

@@ -9,54 +9,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from aimkp_plugin.integration.callback import PLOT_FILE
-from aimkp_plugin.method.state import STATE_FILE
 
-from .conftest import run_llamafactory, tiny_train_config
-from .helpers import FAMILY_BY_NAME, FAMILY_NAMES, images_of, template_of
+from .helpers import (
+    FAMILY_BY_NAME,
+    FAMILY_NAMES,
+    aimkp_config,
+    assert_same_adapter,
+    images_of,
+    read_state,
+    run_llamafactory,
+    template_of,
+)
 
+
+pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli
 
 # Qwen2.5-VL differs from Qwen2-VL only in its vision tower's config: its runs are left to the step tests
 TRAINED_FAMILIES = [family for family in FAMILY_NAMES if family != "qwen2_5_vl"]
 MODALITIES = ("text", "image")
 ALWAYS_LOGGED = {f"aimkp_{m}_{name}" for m in MODALITIES for name in ("mean_stride", "frozen_fraction", "copies")}
 LOGGED_WITH_COPIES = {f"aimkp_{m}_{name}" for m in MODALITIES for name in ("keep_rate", "mean_cosine")}
-
-
-def aimkp_config(model: Path, template: str, workspace: Path, out: Path, **overrides) -> dict:
-    settings = {
-        "aimkp": True,
-        "max_samples": 8,
-        "num_train_epochs": 3,
-        "per_device_train_batch_size": 2,
-        "logging_steps": 2,
-        "save_strategy": "epoch",
-    }
-    settings.update(overrides)
-    config = tiny_train_config(model, template, workspace, out, **settings)
-    config.pop("max_steps")
-    return config
-
-
-def read_state(folder: Path) -> dict:
-    return json.loads((folder / STATE_FILE).read_text())
-
-
-def assert_same_adapter(first: Path, second: Path, rtol: float = 1e-5) -> None:
-    """Every saved tensor of ``second`` within ``rtol`` of ``first``, relative in L2 norm.
-
-    Elementwise checks would fail on float32 rounding alone: two computations that sum in different orders differ
-    by about 1e-7, and Adam's first step (about ``lr · sign(g)``) turns that into a full ``lr`` for the few elements
-    whose gradient is near its ε.
-    """
-    first_weights = load_file(first / "adapter_model.safetensors")
-    second_weights = load_file(second / "adapter_model.safetensors")
-    assert first_weights.keys() == second_weights.keys()
-    for name, tensor in first_weights.items():
-        difference = float((second_weights[name] - tensor).norm() / tensor.norm())
-        assert difference <= rtol, f"{name}: relative difference {difference:.2e} > {rtol:.0e}"
 
 
 def is_power_of_two(value: int) -> bool:

@@ -22,7 +22,7 @@ from aimkp_plugin.data.cmkp import (
 )
 from aimkp_plugin.data.demo import draw_post_image, write_post_images
 
-from .conftest import llamafactory_data, tiny_train_config
+from .helpers import load_through_llamafactory, tiny_train_config
 
 
 # ---------------------------------------------------------------- parsing, pure
@@ -72,15 +72,6 @@ def test_raw_and_aimkp_json_forms_of_the_real_validation_split_agree(cmkp_data: 
 
 
 # ---------------------------------------------------------------- through LLaMA-Factory's own loader
-
-
-def load_through_llamafactory(model: Path, template: str, dataset_dir: Path, dataset: str, tmp_path: Path, **extra):
-    """The tokenized training set of ``dataset`` and its tokenizer, as ``run_sft`` builds them."""
-    extra.setdefault("max_samples", None)
-    train, tokenizer_module, _ = llamafactory_data(
-        model, template, dataset_dir, tmp_path / "out", dataset=dataset, **extra
-    )
-    return train, tokenizer_module["tokenizer"]
 
 
 @pytest.mark.parametrize(
@@ -227,6 +218,7 @@ def test_unsupported_file_type_is_named(tmp_path: Path) -> None:
         list(iter_records(path))
 
 
+@pytest.mark.e2e
 def test_cli_training_stops_on_bad_records(tiny_models: dict, bad_dataset: Path, tmp_path: Path, llamafactory_runner):
     config = tiny_train_config(tiny_models["llava"], "llava", bad_dataset, tmp_path / "out", dataset="bad")
     result = llamafactory_runner(config)
@@ -234,6 +226,7 @@ def test_cli_training_stops_on_bad_records(tiny_models: dict, bad_dataset: Path,
     assert "CmkpFormatError" in result.stdout and "posts.txt, line 2: expected 3 fields" in result.stdout
 
 
+@pytest.mark.e2e
 def test_cli_training_skips_with_the_yaml_key(
     tiny_models: dict, bad_dataset: Path, tmp_path: Path, llamafactory_runner
 ):
@@ -246,6 +239,7 @@ def test_cli_training_skips_with_the_yaml_key(
     assert (tmp_path / "out" / "aimkp_skipped_records_posts.txt.jsonl").is_file()
 
 
+@pytest.mark.e2e
 def test_truncated_jpeg_stops_the_run_before_the_model_loads(
     tiny_models: dict, bad_dataset: Path, tmp_path: Path, llamafactory_runner
 ):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
-from .test_aimkp_training import aimkp_config, assert_same_adapter, read_state
+from .helpers import REPO, aimkp_config, assert_same_adapter, read_state
 
+
+pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli, most on 2 ranks
 
 DEEPSPEED = REPO / "recipes" / "deepspeed"
 TWO_RANKS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -39,7 +40,7 @@ def two_rank_config(tiny_models: dict, workspace: Path, out: Path, **overrides) 
 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from .conftest import run_llamafactory
+    from .helpers import run_llamafactory
 
     out = tmp_path_factory.mktemp("ddp") / "run"
     result = run_llamafactory(two_rank_config(tiny_models, cmkp_workspace, out), out.parent, **TWO_RANKS)

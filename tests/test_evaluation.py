@@ -12,7 +12,7 @@ import pytest
 from aimkp_plugin.evaluation.metrics import aimkp_sample, cmkp_sample, score, split_prediction
 from aimkp_plugin.evaluation.predictions import PredictionFormatError, read_pairs
 
-from .conftest import subprocess_env
+from .helpers import subprocess_env
 
 
 def pair(gold: str, prediction: str) -> tuple[list[str], list[str]]:
@@ -142,7 +142,7 @@ def test_scores_real_cmkp_gold_against_itself(cmkp_data: Path, tmp_path: Path) -
 def test_input_setting_shapes_the_prompt(setting: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
     from aimkp_plugin.data.cmkp import DEFAULT_INSTRUCTION, iter_records
 
-    from .test_cmkp_format import load_through_llamafactory
+    from .helpers import load_through_llamafactory
 
     train, tokenizer = load_through_llamafactory(
         tiny_models["llava"], "llava", cmkp_workspace, "raw_test", tmp_path, aimkp_input_setting=setting
@@ -154,10 +154,11 @@ def test_input_setting_shapes_the_prompt(setting: str, tiny_models: dict, cmkp_w
     assert DEFAULT_INSTRUCTION in text
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_predict_in_three_settings_and_score(family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
     """The shipped predict recipes' setting key, on the tiny model: each setting predicts and scores."""
-    from .conftest import run_llamafactory
+    from .helpers import run_llamafactory
 
     template = {"llava": "llava", "qwen2_vl": "qwen2_vl"}[family]
     for setting in ("full", "text_only", "image_only"):
@@ -224,13 +225,14 @@ def test_compare_names_a_run_without_predictions(tmp_path: Path) -> None:
     assert result.returncode == 2 and "no generated_predictions.jsonl" in result.stderr
 
 
+@pytest.mark.e2e
 def test_select_best_epoch_by_keyphrase_metrics(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path) -> None:
     """A 2-epoch AimKP run evaluating on cmkp data with generation logs the four keyphrase metrics each epoch, picks
     the best checkpoint by ``eval_aimkp_score``, decodes with the run's generation keys, and its numbers are what
     ``aimkp eval`` gives on the same predictions."""
     from transformers import AutoTokenizer
 
-    from .conftest import run_llamafactory, tiny_train_config
+    from .helpers import run_llamafactory, tiny_train_config
 
     out = tmp_path / "run"
     config = tiny_train_config(
@@ -283,11 +285,12 @@ def test_select_best_epoch_by_keyphrase_metrics(tiny_models: dict, cmkp_workspac
     assert (out / "aimkp_eval" / f"eval_final_step{evaluations[-1]['step']}.jsonl").is_file()
 
 
+@pytest.mark.e2e
 def test_keyphrase_metric_for_best_model_needs_keyphrase_evaluation(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
     """Without generation, eval_aimkp_score is never reported: the run stops before the model loads."""
-    from .conftest import run_llamafactory, tiny_train_config
+    from .helpers import run_llamafactory, tiny_train_config
 
     config = tiny_train_config(
         tiny_models["llava"],

@@ -30,10 +30,19 @@ from aimkp_plugin.method.state import CurriculumState, ModalityState
 from aimkp_plugin.method.step import reference_sample_step
 from aimkp_plugin.method.types import StepConfig
 
-from .conftest import run_llamafactory
-from .helpers import FAMILY_BY_NAME, images_of, norms_in_input_dtype, qwen3_5_moe_model, template_of
-from .test_aimkp_step import FAMILIES, llamafactory_batch
-from .test_aimkp_training import aimkp_config, assert_same_adapter, read_state
+from .helpers import (
+    FAMILY_BY_NAME,
+    FAMILY_INPUTS,
+    aimkp_config,
+    assert_same_adapter,
+    images_of,
+    llamafactory_batch,
+    norms_in_input_dtype,
+    qwen3_5_moe_model,
+    read_state,
+    run_llamafactory,
+    template_of,
+)
 
 
 BATCH = 4
@@ -123,7 +132,7 @@ def summary(outcomes) -> list:
 @pytest.fixture(
     scope="module",
     params=[
-        *FAMILIES,
+        *FAMILY_INPUTS,
         "llava-checkpointing",
         "qwen3_5-checkpointing",
         "llava-vision",
@@ -135,7 +144,7 @@ def summary(outcomes) -> list:
 )
 def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
     family = request.param.split("-")[0]
-    template, images = FAMILIES[family]
+    template, images = FAMILY_INPUTS[family]
     path = tiny_models[family]
     if request.param == "qwen3_5-moe":  # Qwen3.5's MoE sizes: the qwen3_5 family's second model type
         path = qwen3_5_moe_model(path, tmp_path_factory.mktemp("qwen3_5_moe") / "model")
@@ -155,6 +164,7 @@ def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pyt
     return model, samples, StepConfig(["text", "image"], thresholds), tokens
 
 
+@pytest.mark.e2e
 def test_fast_step_equals_the_reference_step(case) -> None:
     model, samples, config, tokens = case
     expected, expected_state, expected_grads = run_reference(model, samples, config, tokens)
@@ -175,6 +185,7 @@ def test_fast_step_equals_the_reference_step(case) -> None:
         torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-9, atol=1e-13, msg=name)
 
 
+@pytest.mark.e2e
 def test_fast_step_adds_to_the_gradient_already_there(case) -> None:
     """Gradient accumulation: a later micro-batch adds its share to what earlier ones left in ``.grad``."""
     model, samples, config, tokens = case
@@ -187,6 +198,7 @@ def test_fast_step_adds_to_the_gradient_already_there(case) -> None:
         torch.testing.assert_close(parameter.grad, single + 1, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.e2e
 def test_one_row_per_forward_gives_the_same_result(case) -> None:
     """The grouping of rows into forward passes (padding, batching) does not change a number."""
     model, samples, config, tokens = case
@@ -196,6 +208,7 @@ def test_one_row_per_forward_gives_the_same_result(case) -> None:
         torch.testing.assert_close(first, second, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.e2e
 def test_gradient_checkpointing_stays_on_during_the_fast_step(case, request) -> None:
     """Under LLaMA-Factory's reentrant checkpointing every decoder layer runs twice per pass (a forward without grad,
     then the recomputation in the backward): the step must not make the layers look frozen to its wrapper, which
@@ -217,6 +230,7 @@ def test_gradient_checkpointing_stays_on_during_the_fast_step(case, request) -> 
     assert calls[False] >= 1 and calls[True] == calls[False], calls
 
 
+@pytest.mark.e2e
 def test_shared_prefix_gives_the_same_result(case, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each original and its text copy with their shared prefix computed once per decoder layer (packed rows, two
     backward products): the same cosines and ``.grad`` as the rows apart, in float64, on every family (with and
@@ -255,7 +269,7 @@ def test_shared_prefix_is_left_out_with_dropout(tiny_models: dict, cmkp_workspac
     apart, and an explicit request stops with the dropout named and the fix."""
     from aimkp_plugin.method import fast_step
 
-    template, images = FAMILIES["llava"]
+    template, images = FAMILY_INPUTS["llava"]
     batch, tokenizer = llamafactory_batch(tiny_models["llava"], template, cmkp_workspace, tmp_path, BATCH, images)
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
     model = lora_model(tiny_models["llava"], "llava", checkpointing=False, dropout=0.3)
@@ -387,6 +401,7 @@ def test_pairs_share_passes_of_their_own() -> None:
     assert all(part.pairs == [] for part in passes)
 
 
+@pytest.mark.e2e
 def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> None:
     """``max_buffer_bytes`` small enough for one sample's copies: the micro-batch is trained in 4 groups, each group's
     share added to ``.grad`` before the next; cosines, decisions, states and ``.grad`` are those of one group."""
@@ -407,6 +422,7 @@ def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> No
         torch.testing.assert_close(grouped, whole, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.e2e
 def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None:
     """When the text span runs up to the answer, the reference predicts the first answer token from a hidden token;
     the fast step hands such a sample to the reference step, and the sum is still the all-reference result. Where
@@ -485,7 +501,7 @@ TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
 # on the rest
 FIVE_STEP_RUNS = [
     (family, setup)
-    for family in FAMILIES
+    for family in FAMILY_INPUTS
     if family != "qwen2_5_vl"
     for setup in (
         TRAINING_SETUPS
@@ -495,6 +511,7 @@ FIVE_STEP_RUNS = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("family", "setup"), FIVE_STEP_RUNS)
 def test_five_optimizer_steps_match_the_reference(
     family: str, setup: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
@@ -505,10 +522,10 @@ def test_five_optimizer_steps_match_the_reference(
     def train(impl: str) -> subprocess.CompletedProcess:
         config = aimkp_config(
             tiny_models[family],
-            FAMILIES[family][0],
+            FAMILY_INPUTS[family][0],
             cmkp_workspace,
             outputs[impl],
-            media_dir=str(cmkp_workspace / FAMILIES[family][1]),
+            media_dir=str(cmkp_workspace / FAMILY_INPUTS[family][1]),
             aimkp_impl=impl,
             aimkp_init_stride=2,
             max_samples=2 * batch * accumulation,
@@ -538,6 +555,7 @@ def test_five_optimizer_steps_match_the_reference(
     assert fast_state == reference_state
 
 
+@pytest.mark.e2e
 def test_run_with_uncovered_parameters_warns_and_trains_with_the_reference(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ) -> None:
@@ -552,6 +570,7 @@ def test_run_with_uncovered_parameters_warns_and_trains_with_the_reference(
     assert read_state(tmp_path / "out")["text_stride"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
 def test_plain_sft_loss_of_the_moe_families_has_no_router_term(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path

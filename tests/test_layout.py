@@ -1,16 +1,19 @@
 """The package's layering, read from its import statements: no import cycles between modules, the method core never
 imports the data layer, a model family or the integration, and no code outside the family modules branches on
-``model_type``."""
+``model_type``; and the tests' own layering: test modules share code through ``helpers.py`` and fixtures through
+``conftest.py``, never by importing one another."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 PACKAGE = REPO / "aimkp_plugin"
+TESTS = REPO / "tests"
 LAYERS = {  # package -> packages it must never import
     "aimkp_plugin.method": ("aimkp_plugin.data", "aimkp_plugin.families", "aimkp_plugin.integration"),
     "aimkp_plugin.data": ("aimkp_plugin.method", "aimkp_plugin.families", "aimkp_plugin.integration"),
@@ -102,3 +105,27 @@ def test_families_never_import_a_step() -> None:
         if target.startswith(STEP_MODULES)
     ]
     assert violations == []
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    """The ``test_*`` modules of the tests package that ``path`` imports, in any form (``from .test_<name> import``,
+    ``from . import test_<name>``, ``import tests.test_<name>``), or names as ``tests.test_<name>`` in a string (code
+    it runs in a fresh interpreter)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "tests"):
+            base = (node.module or "").removeprefix("tests").lstrip(".")
+            modules = [base] if base else [alias.name for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            modules = re.findall(r"\btests\.(test_\w+)", node.value)
+        else:
+            continue
+        found |= {part for module in modules for part in module.split(".") if part.startswith("test_")}
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    imports = {path.name: imported_test_modules(path) for path in sorted(TESTS.glob("*.py"))}
+    assert {name: found for name, found in imports.items() if found} == {}

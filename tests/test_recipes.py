@@ -11,7 +11,7 @@ import yaml
 from aimkp_plugin.data.demo import demo_dataset_info
 from aimkp_plugin.integration.args import active_arguments
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

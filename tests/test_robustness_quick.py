@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import REPO, subprocess_env
+import pytest
+
+from .helpers import REPO, subprocess_env
 
 
 def test_generator_is_deterministic_and_mixes_signals(tmp_path: Path) -> None:
@@ -26,6 +28,7 @@ def test_generator_is_deterministic_and_mixes_signals(tmp_path: Path) -> None:
     assert len(lines) == 10 and all(line.count("<sep>") == 2 for line in lines)
 
 
+@pytest.mark.e2e
 def test_quick_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "robustness" / "run.py"), "--quick", "--out", str(tmp_path)],

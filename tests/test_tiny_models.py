@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from aimkp_plugin.models.tiny import BUILD_MARKER, TINY_MODELS, build_tiny_model
 
-from .conftest import TINY_DIR, tiny_train_config
-from .test_cmkp_format import load_through_llamafactory
+from .helpers import TINY_DIR, load_through_llamafactory, tiny_train_config
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -71,6 +72,7 @@ def test_every_projector_weight_is_random(tiny_models: dict) -> None:
             assert tensor.dim() < 2 or tensor.float().std() > 0, f"{family.name}: {name} is constant"
 
 
+@pytest.mark.e2e
 def test_tiny_qwen2_5vl_trains(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner) -> None:
     path = tiny_models["qwen2_5_vl"]
     config = tiny_train_config(path, "qwen2_vl", cmkp_workspace, tmp_path / "out", max_steps=2)
@@ -83,7 +85,7 @@ def test_cli_names_unknown_tiny_models_and_its_parser_imports_no_torch(tmp_path:
     import subprocess
     import sys
 
-    from .conftest import subprocess_env
+    from .helpers import subprocess_env
 
     result = subprocess.run(
         ["aimkp", "models", "tiny", "--out", str(tmp_path), "--name", "llava", "bogus"],

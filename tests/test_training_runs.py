@@ -13,8 +13,10 @@ import torch
 
 from aimkp_plugin.data.cmkp import iter_records
 
-from .conftest import REPO, read_trace, subprocess_env, tiny_train_config
-from .test_activation import TRAIN_PATCHES
+from .helpers import REPO, TRAIN_PATCHES, read_trace, subprocess_env, tiny_train_config
+
+
+pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli
 
 
 def trainer_losses(output_dir: Path) -> list[float]:
@@ -205,7 +207,7 @@ def test_projector_learning_rate_zero_keeps_the_projector_and_trains_the_rest(
     lr equal to learning_rate gives the run without the key (plain SFT and AimKP alike)."""
     from safetensors.torch import load_file
 
-    from .test_aimkp_training import assert_same_adapter
+    from .helpers import assert_same_adapter
 
     # SGD: Adam turns float32 rounding into whole-lr steps for elements whose gradient is near its epsilon. No
     # filter: the two runs differ by float32 rounding (BLAS may pick its threads by the machine's load), and a cosine

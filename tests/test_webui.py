@@ -22,31 +22,14 @@ from aimkp_plugin.config import IMPLEMENTATIONS, AimkpArguments
 from aimkp_plugin.data.demo import build_demo_dataset
 from aimkp_plugin.integration.webui import INPUTS, TAB, WARNING
 
-from .conftest import BUILD, REPO, run_llamafactory, subprocess_env
-from .test_activation import run_python
+from .helpers import BUILD, REPO, run_llamafactory, run_python, subprocess_env
+from .webui_app import build_ui
 
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = BUILD / "webui_screenshot.png"
 SERVER_START_TIMEOUT = 180  # seconds; importing LLaMA-Factory and gradio takes 10-20 s on 2 busy cores
 BROWSER_TIMEOUT_MS = 60_000
-
-
-def build_ui() -> tuple[Any, Any]:
-    """The top bar and the Train tab, built the way ``llamafactory.webui.interface.create_ui`` does: (engine, blocks).
-
-    ``Engine()`` writes ``llamaboard_cache`` into the current directory.
-    """
-    import gradio as gr
-    from llamafactory.webui.components import create_top, create_train_tab
-    from llamafactory.webui.engine import Engine
-
-    engine = Engine()
-    with gr.Blocks() as blocks:
-        engine.manager.add_elems("top", create_top())
-        with gr.Tab("Train"):
-            engine.manager.add_elems("train", create_train_tab(engine))
-    return engine, blocks
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +112,7 @@ def test_section_inputs_are_bound_to_preview_start_save_and_load(ui: tuple[Any, 
     }
 
 
+@pytest.mark.e2e
 def test_start_writes_a_yaml_that_trains_with_the_section_values(
     ui: tuple[Any, Any], tiny_models: dict, demo_data: Path, tmp_path: Path
 ) -> None:
@@ -232,7 +216,7 @@ def test_save_and_load_arguments_round_trip_the_section(
 # Builds the UI in a fresh process (the .pth hook patches it there) and reports what the Train tab got.
 REPORT_TRAIN_TAB = """
 import json
-from tests.test_webui import build_ui
+from tests.webui_app import build_ui
 engine, _ = build_ui()
 names = [name for name, _ in engine.manager.get_elem_iter()]
 warning = engine.manager.get_elem_by_id("train.aimkp_warning") if "aimkp_warning" in names else None
@@ -250,6 +234,7 @@ patching.registry = lambda *names: {**original(*names), "llamafactory.webui.loca
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("setup", "env", "reason"),
     [
@@ -322,6 +307,7 @@ def webui(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.e2e
 def test_browser_preview_shows_the_section_values(webui: str, tmp_path: Path) -> None:
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium).")
