@@ -12,7 +12,7 @@ import pytest
 from aimkp_plugin.evaluation.metrics import aimkp_sample, cmkp_sample, score, split_prediction
 from aimkp_plugin.evaluation.predictions import PredictionFormatError, read_pairs
 
-from .helpers import subprocess_env
+from .helpers import REPO, subprocess_env
 
 
 def pair(gold: str, prediction: str) -> tuple[list[str], list[str]]:
@@ -63,8 +63,11 @@ def test_aimkp_averages_per_sample_f1_and_cmkp_takes_f1_of_macro_averages() -> N
     assert aimkp["n"] == cmkp["n"] == 2
 
 
-def test_readme_worked_example_diverges() -> None:
-    """The README's example: the same predictions, different numbers."""
+def test_docs_worked_example_diverges() -> None:
+    """docs/evaluation.md's example: the same predictions, different numbers (and the page states those numbers)."""
+    text = " ".join((REPO / "docs" / "evaluation.md").read_text().split())
+    stated = "aimkp style F1@1 50.00, F1@3 50.00, MAP@5 43.06; cmkp style F1@1 50.00, F1@3 66.67, MAP@5 75.00"
+    assert stated in text
     pairs = [pair("dog", "cat, cats, dog"), pair("human rights", "human right, rights")]
     # aimkp: F1@3 = mean(0.5, 0.5); MAP@5 = mean((0 + 0 + 1/3) / 3, (1 + 1/2) / 2)
     assert score(pairs, "aimkp") == pytest.approx({"f1@1": 50.0, "f1@3": 50.0, "map@5": 43.0555556, "n": 2})
