@@ -46,7 +46,11 @@ OTHER_BACKENDS = (
 )
 # Environment switches that send training to Megatron-Core instead of the SFT workflow: (variable, backend)
 OTHER_BACKEND_ENVIRONMENT = (("USE_MCA", "MCA (Megatron Core Adapter)"), ("USE_MEGATRON_BRIDGE", "Megatron-Bridge"))
-ATTENTION_WITHOUT_MASKS = ("fa2", "fa3")  # FlashAttention takes no custom attention mask
+ATTENTION_WITHOUT_MASKS = ("fa2", "fa3")
+# QLoRA backends with which the steps are tested exact: LLaMA-Factory's quantization_method, and the quant_method of a
+# checkpoint's own quantization_config
+TESTED_QUANTIZATION = ("bnb",)
+TESTED_CHECKPOINT_QUANTIZATION = ("bitsandbytes",)  # FlashAttention takes no custom attention mask
 # LLaMA-Factory options that build their own optimizer (or parameter groups): aimkp_projector_lr cannot add a group.
 OWN_OPTIMIZER_KEYS = (
     "loraplus_lr_ratio",
@@ -61,6 +65,7 @@ SETUP_KEYS = tuple(
     dict.fromkeys(
         ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
         + tuple(key for key, _ in OTHER_BACKENDS)
+        + ("quantization_bit", "quantization_method")
         + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
         + ("label_smoothing_factor", "neftune_noise_alpha", "lora_dropout")
         + OWN_OPTIMIZER_KEYS
@@ -223,6 +228,38 @@ def check_training_config(
             "Use flash_attn: sdpa (or auto / disabled)."
         )
     check_training_backend(setup, environ if environ is not None else os.environ)
+    check_quantization(setup)
+
+
+def check_quantization(setup: dict[str, Any]) -> None:
+    """QLoRA (``quantization_bit``) only through bitsandbytes: the base weights stay frozen and quantized in both
+    steps, and the fast step's per-copy gradients (LoRA's own Linear layers) are checked against the reference there.
+    Other backends' kernels are not, and a backward that varies from pass to pass would reach the cosines."""
+    if not is_set(setup.get("quantization_bit")):
+        return
+    method = str(setup.get("quantization_method") or "bnb").strip().lower()
+    if method not in TESTED_QUANTIZATION:
+        raise AimkpConfigError(
+            f"aimkp: true with quantization_bit is tested exact with quantization_method: bnb (bitsandbytes) only, "
+            f"not {method}: its kernels' backward has not been checked against the reference step. Set "
+            "quantization_method: bnb, or remove quantization_bit."
+        )
+
+
+def check_checkpoint_quantization(model_name_or_path: str, model_config: dict[str, Any]) -> None:
+    """A checkpoint quantized ahead of time (its ``config.json`` has a ``quantization_config``) only with
+    bitsandbytes, for the reason of :func:`check_quantization`."""
+    quantization = model_config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return
+    method = str(quantization.get("quant_method", "unknown")).lower()
+    if method not in TESTED_CHECKPOINT_QUANTIZATION:
+        raise AimkpConfigError(
+            f"aimkp: true is tested exact on bitsandbytes-quantized models only, and {model_name_or_path} is "
+            f"quantized with {method} (its config.json's quantization_config): its kernels' backward has not been "
+            "checked against the reference step. Use the unquantized checkpoint with quantization_bit: 4 "
+            "(bitsandbytes QLoRA)."
+        )
 
 
 def env_enabled(value: str | None) -> bool:

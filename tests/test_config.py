@@ -157,6 +157,10 @@ def test_boolean_rejects_other_values() -> None:
         ({"streaming": True}, "streaming: true"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2"),
         ({"flash_attn": "fa3"}, "flash_attn: fa3 cannot take"),
+        (
+            {"quantization_bit": 4, "quantization_method": "hqq"},
+            "quantization_method: bnb .bitsandbytes. only, not hqq",
+        ),
         ({"use_kt": True}, "use_kt: true .KTransformers replaces the MoE layers"),
         (
             {"use_hyper_parallel": "true"},
@@ -185,6 +189,16 @@ def test_megatron_switches_stop_an_aimkp_run(variable: str, backend: str, monkey
         extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
     monkeypatch.setenv(variable, "0")
     extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
+
+
+def test_qlora_through_bitsandbytes_is_accepted_and_other_quantized_checkpoints_named() -> None:
+    from aimkp_plugin.checks import check_checkpoint_quantization
+
+    extract_aimkp_arguments({"aimkp": True, "quantization_bit": 4})
+    extract_aimkp_arguments({"aimkp": True, "quantization_bit": 8, "quantization_method": "bnb"})
+    check_checkpoint_quantization("m", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+    with pytest.raises(AimkpConfigError, match="models/awq-7b is quantized with awq"):
+        check_checkpoint_quantization("models/awq-7b", {"quantization_config": {"quant_method": "awq"}})
 
 
 def test_deepspeed_zero_2_file_is_accepted_and_zero_3_file_named(tmp_path) -> None:
