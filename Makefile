@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip==26.3"
-	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed]"
+	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed,qlora]"
 	touch $@
 
 demo: setup

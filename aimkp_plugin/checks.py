@@ -8,6 +8,8 @@ Pure Python, as :mod:`.config`.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from .config import FALSE_STRINGS, AimkpArguments, AimkpConfigError, to_bool
@@ -29,6 +31,26 @@ UNSUPPORTED_OPTIONS = (
     ("enable_liger_kernel", "Liger's fused cross-entropy returns no logits, and the step needs each copy's own loss"),
     ("use_unsloth", "Unsloth replaces the model's forward and attention, which the step calls with its own masks"),
 )
+# LLaMA-Factory options that train through another backend than the SFT workflow the plugin hooks (or replace the
+# layers the step reads): (key, what happens). An aimkp: true run there would train without AimKP.
+OTHER_BACKENDS = (
+    (
+        "use_kt",
+        "KTransformers replaces the MoE layers with its own CPU kernels, whose per-copy gradients the AimKP "
+        "step cannot read",
+    ),
+    (
+        "use_hyper_parallel",
+        "LLaMA-Factory then trains through its HyperParallel workflow, not the SFT trainer that runs the AimKP step",
+    ),
+)
+# Environment switches that send training to Megatron-Core instead of the SFT workflow: (variable, backend)
+OTHER_BACKEND_ENVIRONMENT = (("USE_MCA", "MCA (Megatron Core Adapter)"), ("USE_MEGATRON_BRIDGE", "Megatron-Bridge"))
+ATTENTION_WITHOUT_MASKS = ("fa2", "fa3")
+# QLoRA backends with which the steps are tested exact: LLaMA-Factory's quantization_method, and the quant_method of a
+# checkpoint's own quantization_config
+TESTED_QUANTIZATION = ("bnb",)
+TESTED_CHECKPOINT_QUANTIZATION = ("bitsandbytes",)  # FlashAttention takes no custom attention mask
 # LLaMA-Factory options that build their own optimizer (or parameter groups): aimkp_projector_lr cannot add a group.
 OWN_OPTIMIZER_KEYS = (
     "loraplus_lr_ratio",
@@ -42,6 +64,8 @@ OWN_OPTIMIZER_KEYS = (
 SETUP_KEYS = tuple(
     dict.fromkeys(
         ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
+        + tuple(key for key, _ in OTHER_BACKENDS)
+        + ("quantization_bit", "quantization_method")
         + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
         + ("label_smoothing_factor", "neftune_noise_alpha", "lora_dropout")
         + OWN_OPTIMIZER_KEYS
@@ -149,8 +173,11 @@ def check_projector_lr_config(setup: dict[str, Any]) -> None:
         )
 
 
-def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
-    """Reject training setups AimKP cannot run with; ``setup`` maps ``SETUP_KEYS`` to the config's values.
+def check_training_config(
+    args: AimkpArguments, setup: dict[str, Any], environ: Mapping[str, str] | None = None
+) -> None:
+    """Reject training setups AimKP cannot run with; ``setup`` maps ``SETUP_KEYS`` to the config's values, and
+    ``environ`` is the environment the run sees (``os.environ`` when None).
 
     Called only when ``aimkp: true``.
     """
@@ -194,11 +221,65 @@ def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
             "original and its text copy would share the prefix's dropout masks, where each forward pass should draw "
             "its own. Set lora_dropout: 0, or aimkp_fast_share_prefix: auto (it then keeps the copies apart)."
         )
-    if str(setup.get("flash_attn") or "auto") == "fa2":
+    attention = str(setup.get("flash_attn") or "auto")
+    if attention in ATTENTION_WITHOUT_MASKS:
         raise AimkpConfigError(
-            "aimkp: true masks tokens with a custom attention mask, which flash_attn: fa2 cannot take. "
+            f"aimkp: true masks tokens with a custom attention mask, which flash_attn: {attention} cannot take. "
             "Use flash_attn: sdpa (or auto / disabled)."
         )
+    check_training_backend(setup, environ if environ is not None else os.environ)
+    check_quantization(setup)
+
+
+def check_quantization(setup: dict[str, Any]) -> None:
+    """QLoRA (``quantization_bit``) only through bitsandbytes: the base weights stay frozen and quantized in both
+    steps, and the fast step's per-copy gradients (LoRA's own Linear layers) are checked against the reference there.
+    Other backends' kernels are not, and a backward that varies from pass to pass would reach the cosines."""
+    if not is_set(setup.get("quantization_bit")):
+        return
+    method = str(setup.get("quantization_method") or "bnb").strip().lower()
+    if method not in TESTED_QUANTIZATION:
+        raise AimkpConfigError(
+            f"aimkp: true with quantization_bit is tested exact with quantization_method: bnb (bitsandbytes) only, "
+            f"not {method}: its kernels' backward has not been checked against the reference step. Set "
+            "quantization_method: bnb, or remove quantization_bit."
+        )
+
+
+def check_checkpoint_quantization(model_name_or_path: str, model_config: dict[str, Any]) -> None:
+    """A checkpoint quantized ahead of time (its ``config.json`` has a ``quantization_config``) only with
+    bitsandbytes, for the reason of :func:`check_quantization`."""
+    quantization = model_config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return
+    method = str(quantization.get("quant_method", "unknown")).lower()
+    if method not in TESTED_CHECKPOINT_QUANTIZATION:
+        raise AimkpConfigError(
+            f"aimkp: true is tested exact on bitsandbytes-quantized models only, and {model_name_or_path} is "
+            f"quantized with {method} (its config.json's quantization_config): its kernels' backward has not been "
+            "checked against the reference step. Use the unquantized checkpoint with quantization_bit: 4 "
+            "(bitsandbytes QLoRA)."
+        )
+
+
+def env_enabled(value: str | None) -> bool:
+    """An environment switch as LLaMA-Factory reads it (``true``, ``y`` or ``1``, any case)."""
+    return (value or "").strip().lower() in ("true", "y", "1")
+
+
+def check_training_backend(setup: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Reject the LLaMA-Factory paths that train without the SFT workflow's trainer (config keys and environment
+    switches), where ``aimkp: true`` would otherwise train without AimKP and say nothing."""
+    for name, why in OTHER_BACKENDS:
+        if is_set(setup.get(name)):
+            raise AimkpConfigError(f"aimkp: true cannot be combined with {name}: true ({why}). Remove {name}.")
+    for variable, backend in OTHER_BACKEND_ENVIRONMENT:
+        if env_enabled(environ.get(variable)):
+            raise AimkpConfigError(
+                f"aimkp: true cannot run with {variable}={environ[variable]}: LLaMA-Factory then trains through "
+                f"{backend}, not the SFT trainer that runs the AimKP step, so the run would train without AimKP. "
+                f"Unset {variable}, or remove aimkp."
+            )
 
 
 IMAGE_CONFIG_KEYS = ("vision_config", "image_token_index", "image_token_id", "mm_vision_tower")

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli
 
 # Qwen2.5-VL differs from Qwen2-VL only in its vision tower's config: its runs are left to the step tests
 TRAINED_FAMILIES = [family for family in FAMILY_NAMES if family != "qwen2_5_vl"]
+QLORA_RUN = "llava+qlora4"  # LLaVA with its base weights quantized to 4 bits by bitsandbytes
+THREE_EPOCH_RUNS = [*TRAINED_FAMILIES, QLORA_RUN]
 MODALITIES = ("text", "image")
 ALWAYS_LOGGED = {f"aimkp_{m}_{name}" for m in MODALITIES for name in ("mean_stride", "frozen_fraction", "copies")}
 LOGGED_WITH_COPIES = {f"aimkp_{m}_{name}" for m in MODALITIES for name in ("keep_rate", "mean_cosine")}
@@ -42,8 +44,9 @@ def three_epoch_runs(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: 
     """Every family's 3-epoch run, two side by side (one thread each): family -> (result, output folder)."""
     root = tmp_path_factory.mktemp("three_epochs")
 
-    def train(family: str) -> tuple:
-        out = root / family / "out"
+    def train(run: str) -> tuple:
+        family = run.split("+")[0]
+        out = root / run / "out"
         config = aimkp_config(
             tiny_models[family],
             template_of(family),
@@ -52,16 +55,21 @@ def three_epoch_runs(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: 
             dataloader_num_workers=2,
             media_dir=str(cmkp_workspace / images_of(family)),
         )
-        return run_llamafactory(config, root / family, OMP_NUM_THREADS="1"), out
+        if run == QLORA_RUN:
+            config["quantization_bit"] = 4
+        return run_llamafactory(config, root / run, OMP_NUM_THREADS="1"), out
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(TRAINED_FAMILIES, pool.map(train, TRAINED_FAMILIES), strict=True))
+        return dict(zip(THREE_EPOCH_RUNS, pool.map(train, THREE_EPOCH_RUNS), strict=True))
 
 
-@pytest.mark.parametrize("family", TRAINED_FAMILIES)
-def test_three_epochs_with_aimkp(family: str, three_epoch_runs: dict):
-    result, out = three_epoch_runs[family]
+@pytest.mark.parametrize("run", THREE_EPOCH_RUNS)
+def test_three_epochs_with_aimkp(run: str, three_epoch_runs: dict):
+    result, out = three_epoch_runs[run]
+    family = run.split("+")[0]
     assert result.returncode == 0, result.stdout[-4000:]
+    if run == QLORA_RUN:
+        assert "Quantizing model to 4 bit with bitsandbytes." in result.stdout
     assert "AimKP curriculum: text mean stride" in result.stdout
     assert f"the fast AimKP step runs for the {family} family" in result.stdout
     sharing = "computed per copy" if FAMILY_BY_NAME[family].removes_hidden_tokens else "computed once where over 0.4"

@@ -156,6 +156,16 @@ def test_boolean_rejects_other_values() -> None:
         ({"fsdp": "full_shard"}, "does not support fsdp yet"),
         ({"streaming": True}, "streaming: true"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2"),
+        ({"flash_attn": "fa3"}, "flash_attn: fa3 cannot take"),
+        (
+            {"quantization_bit": 4, "quantization_method": "hqq"},
+            "quantization_method: bnb .bitsandbytes. only, not hqq",
+        ),
+        ({"use_kt": True}, "use_kt: true .KTransformers replaces the MoE layers"),
+        (
+            {"use_hyper_parallel": "true"},
+            "use_hyper_parallel: true .LLaMA-Factory then trains through its HyperParallel",
+        ),
         ({"fp16": True}, "fp16: true .its loss scaling"),
         ({"train_on_prompt": True}, "train_on_prompt: true"),
         ({"use_dft_loss": True}, "use_dft_loss: true"),
@@ -169,6 +179,26 @@ def test_boolean_rejects_other_values() -> None:
 def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) -> None:
     with pytest.raises(AimkpConfigError, match=message):
         extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x", **setup})
+
+
+@pytest.mark.parametrize(("variable", "backend"), [("USE_MEGATRON_BRIDGE", "Megatron-Bridge"), ("USE_MCA", "MCA")])
+def test_megatron_switches_stop_an_aimkp_run(variable: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLaMA-Factory's Megatron switches live in the environment; with one on, run_sft never runs."""
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(AimkpConfigError, match=f"{variable}=1: LLaMA-Factory then trains through {backend}"):
+        extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
+    monkeypatch.setenv(variable, "0")
+    extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
+
+
+def test_qlora_through_bitsandbytes_is_accepted_and_other_quantized_checkpoints_named() -> None:
+    from aimkp_plugin.checks import check_checkpoint_quantization
+
+    extract_aimkp_arguments({"aimkp": True, "quantization_bit": 4})
+    extract_aimkp_arguments({"aimkp": True, "quantization_bit": 8, "quantization_method": "bnb"})
+    check_checkpoint_quantization("m", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+    with pytest.raises(AimkpConfigError, match="models/awq-7b is quantized with awq"):
+        check_checkpoint_quantization("models/awq-7b", {"quantization_config": {"quant_method": "awq"}})
 
 
 def test_deepspeed_zero_2_file_is_accepted_and_zero_3_file_named(tmp_path) -> None:

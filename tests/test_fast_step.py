@@ -494,7 +494,8 @@ def test_flattened_linear_inputs_are_read_per_row_and_a_subset_of_tokens_is_refu
             (layer(inputs[1, :4]) ** 2).sum().backward()  # four tokens, all of row 1
 
 
-TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2)}
+TRAINING_SETUPS = {"batch1": (1, 1), "batch4": (4, 1), "accumulation2": (2, 2), "qlora4": (4, 1), "qlora8": (4, 1)}
+QUANTIZED_SETUPS = {"qlora4": 4, "qlora8": 8}  # QLoRA: the base model quantized on the fly by bitsandbytes
 
 
 # every setup on the families with a layout of their own; batch 4 (padded rows, accumulation of a whole micro-batch)
@@ -508,7 +509,8 @@ FIVE_STEP_RUNS = [
         if family in ("llava", "qwen2_vl", "qwen3_vl", "internvl", "gemma3", "llava_next")
         else ["batch4"]
     )
-]
+    if setup not in QUANTIZED_SETUPS
+] + [("llava", setup) for setup in QUANTIZED_SETUPS]
 
 
 @pytest.mark.e2e
@@ -537,6 +539,8 @@ def test_five_optimizer_steps_match_the_reference(
             learning_rate=0.05,
         )
         config["max_steps"] = 5
+        if setup in QUANTIZED_SETUPS:
+            config["quantization_bit"] = QUANTIZED_SETUPS[setup]
         if setup == "batch1":  # the rows apart; elsewhere the CPU default, the shared prefix
             config["aimkp_fast_share_prefix"] = False
         return run_llamafactory(config, tmp_path / f"{impl}_config", OMP_NUM_THREADS="1")
@@ -546,6 +550,9 @@ def test_five_optimizer_steps_match_the_reference(
     for result in results.values():
         assert result.returncode == 0, result.stdout[-4000:]
     assert "reference step runs instead" not in results["fast"].stdout
+    if setup in QUANTIZED_SETUPS:  # the frozen base weights quantized in both steps; LoRA and lm_head train
+        for result in results.values():
+            assert f"Quantizing model to {QUANTIZED_SETUPS[setup]} bit with bitsandbytes." in result.stdout
     shared = "computed per copy, aimkp_fast_share_prefix: False" if setup == "batch1" else "computed once"
     if FAMILY_BY_NAME[family].removes_hidden_tokens:
         shared = "computed per copy"

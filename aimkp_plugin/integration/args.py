@@ -11,7 +11,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..checks import SETUP_KEYS, check_model_has_image_input, check_projector_lr_config, check_training_config
+from ..checks import (
+    SETUP_KEYS,
+    check_checkpoint_quantization,
+    check_model_has_image_input,
+    check_projector_lr_config,
+    check_training_config,
+)
 from ..config import (
     AimkpArguments,
     AimkpConfigError,
@@ -146,6 +152,7 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
     if not arguments.aimkp:
         return
     check_model_has_image_input(str(model), model_config)
+    check_checkpoint_quantization(str(model), model_config)
     check_family_is_known(str(model), family)
     problems = family.run_problems(model_config, lambda name: _config_value(config, name))
     if problems:
