@@ -45,7 +45,7 @@ def _models_families(options: argparse.Namespace) -> int:
 
 
 def families_markdown(families) -> str:
-    """The README's "Supported models" table, from the family table."""
+    """The "Supported models" table of docs/families.md, from the family table."""
     lines = [
         "| family (`model_type`) | LLaMA-Factory template | image grid | what an image copy masks | positions | fast "
         "step | tiny model |",

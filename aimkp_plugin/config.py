@@ -103,7 +103,7 @@ class AimkpArguments:
             "tokens before the first hidden text token: system prompt, image, post text before it) once per decoder "
             "layer, with each copy's gradient still kept apart (exact). auto: on a CPU only (measured faster there; "
             "on a GPU not measured yet), for the pairs whose prefix is a large enough share of their tokens to pay "
-            "(the threshold is in the docs, The fast step), and never with dropout in the decoder layers (the copies "
+            "(the threshold is in docs/fast-step.md), and never with dropout in the decoder layers (the copies "
             "would share the prefix's dropout masks); true: every pair (refused with dropout); false: never."
         },
     )

@@ -44,7 +44,7 @@ class ImageLayoutError(ValueError):
 
 @dataclass(frozen=True)
 class FamilyDescription:
-    """One row of the README's "Supported models" table."""
+    """One row of the "Supported models" table (docs/families.md)."""
 
     grid: str  # what the image grid is
     masked: str  # which tokens an image copy masks, and which stay visible

@@ -125,7 +125,7 @@ def plan_passes(rows: list[Row], max_tokens: int, share_from: float | None) -> t
     ``4 (L_o + L_t)`` apart under gradient checkpointing (forward, recomputation, backward) and ``6 (L_o + L_t - p)``
     packed (its backward runs twice), so packing pays from ``p > (L_o + L_t) / 3``; without checkpointing
     (``3 (L_o + L_t)`` against ``5 (L_o + L_t - p)``) from ``p > 0.4 (L_o + L_t)``. The packing's own work (masks,
-    index maps, more passes) moves the break-even up; the measured pairs are in the README (*The fast step*).
+    index maps, more passes) moves the break-even up; the measured pairs are in docs/benchmarks.md.
     """
 
     def longest_first(units: list[list[Row]], lengths: list[int]) -> tuple[list[list[Row]], list[int]]:
@@ -173,7 +173,7 @@ def default_max_tokens(samples: Sequence[SampleInputs], rows: Sequence[Row], dev
     that length, so that a micro-batch of one or two samples runs a sample's rows as one pass instead of one pass per
     row: a pass of fewer tokens is barely cheaper there, since the accelerator is not yet busy. Not on a CPU,
     which is compute-bound, so that a padded pass of a sample's rows costs more than its rows one at a time
-    (both measured in the README, *The fast step*)."""
+    (both measured in docs/benchmarks.md)."""
     together = max(Counter(row.sample for row in rows).values()) if device.type != "cpu" else 1
     return max(len(samples), together) * max(len(row.keep) for row in rows)
 
