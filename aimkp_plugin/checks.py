@@ -8,6 +8,7 @@ Pure Python, as :mod:`.config`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from .config import FALSE_STRINGS, AimkpArguments, AimkpConfigError, to_bool
@@ -39,9 +40,24 @@ OWN_OPTIMIZER_KEYS = (
     "use_muon",
     "fsdp",
 )
+# Training paths that leave LLaMA-Factory's SFT workflow, whose trainer runs the AimKP step (or change what the step's
+# passes compute): (key, why). LLaMA-Factory's train/tuner.py sends use_hyper_parallel to a trainer of its own; use_kt
+# keeps the SFT trainer but runs the MoE experts in KTransformers' kernels.
+OTHER_TRAINER_KEYS = (
+    ("use_hyper_parallel", "HyperParallel trains with a trainer of its own, so the AimKP step would not run"),
+    ("use_kt", "KTransformers runs the MoE experts in kernels of its own, which the AimKP step is not tested with"),
+)
+# The same, switched on by an environment variable (LLaMA-Factory reads "true", "y" or "1", any case): USE_MCA
+# (Megatron-Core, since 0.9.4) and USE_MEGATRON_BRIDGE (Megatron-Bridge, LLaMA-Factory main) make train/tuner.py run
+# their own SFT.
+OTHER_TRAINER_ENVIRONMENT = (
+    ("USE_MCA", "Megatron-Core (mcore_adapter) trains with a trainer of its own"),
+    ("USE_MEGATRON_BRIDGE", "Megatron-Bridge trains with a trainer of its own"),
+)
 SETUP_KEYS = tuple(
     dict.fromkeys(
         ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
+        + tuple(key for key, _ in OTHER_TRAINER_KEYS)
         + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
         + ("label_smoothing_factor", "neftune_noise_alpha", "lora_dropout")
         + OWN_OPTIMIZER_KEYS
@@ -173,6 +189,13 @@ def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
             raise AimkpConfigError(
                 f"aimkp: true does not support {name} yet; supported engines: {SUPPORTED_ENGINES}. Remove {name}."
             )
+    for name, why in OTHER_TRAINER_KEYS:
+        value = setup.get(name)
+        if is_set(value):
+            raise AimkpConfigError(
+                f"aimkp: true does not support {name}: {value} yet ({why}); supported engines: {SUPPORTED_ENGINES}. "
+                f"Remove {name}."
+            )
     for name, why in UNSUPPORTED_OPTIONS:
         value = setup.get(name)
         if value is not None and to_bool(name, value):
@@ -199,6 +222,18 @@ def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
             "aimkp: true masks tokens with a custom attention mask, which flash_attn: fa2 cannot take. "
             "Use flash_attn: sdpa (or auto / disabled)."
         )
+
+
+def check_engine_environment(environ: Mapping[str, str]) -> None:
+    """Reject the environment variables that make LLaMA-Factory train with another trainer than its SFT workflow's
+    (``OTHER_TRAINER_ENVIRONMENT``), where the AimKP step would not run. Called only when ``aimkp: true``."""
+    for name, why in OTHER_TRAINER_ENVIRONMENT:
+        value = environ.get(name, "")
+        if value.strip().lower() in ("true", "y", "1"):
+            raise AimkpConfigError(
+                f"aimkp: true does not support {name}={value} ({why}, so the AimKP step would not run); supported "
+                f"engines: {SUPPORTED_ENGINES}. Unset {name}."
+            )
 
 
 IMAGE_CONFIG_KEYS = ("vision_config", "image_token_index", "image_token_id", "mm_vision_tower")

@@ -154,6 +154,8 @@ def test_boolean_rejects_other_values() -> None:
         ({"deepspeed": "missing_ds.json"}, "deepspeed: missing_ds.json: cannot read the DeepSpeed config"),
         ({"deepspeed": '{"zero_optimization": '}, "the inline deepspeed JSON: not valid JSON"),
         ({"fsdp": "full_shard"}, "does not support fsdp yet"),
+        ({"use_hyper_parallel": True}, "does not support use_hyper_parallel: True yet .HyperParallel trains with"),
+        ({"use_kt": "true"}, "does not support use_kt: true yet .KTransformers runs the MoE experts"),
         ({"streaming": True}, "streaming: true"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2"),
         ({"fp16": True}, "fp16: true .its loss scaling"),
@@ -169,6 +171,25 @@ def test_boolean_rejects_other_values() -> None:
 def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) -> None:
     with pytest.raises(AimkpConfigError, match=message):
         extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x", **setup})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "refused"),
+    [("USE_MCA", "1", True), ("USE_MEGATRON_BRIDGE", "true", True), ("USE_MEGATRON_BRIDGE", "Y", True)]
+    + [("USE_MCA", "0", False), ("USE_MEGATRON_BRIDGE", "false", False)],
+)
+def test_aimkp_refuses_the_environment_of_another_trainer(
+    variable: str, value: str, refused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLaMA-Factory's train/tuner.py runs Megatron-Core (USE_MCA) and Megatron-Bridge (USE_MEGATRON_BRIDGE, main)
+    with trainers of their own, where the AimKP step would not run; plain SFT keeps them."""
+    monkeypatch.setenv(variable, value)
+    if refused:
+        with pytest.raises(AimkpConfigError, match=f"does not support {variable}={value} .* Unset {variable}"):
+            extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
+    else:
+        extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
+    extract_aimkp_arguments({"aimkp": False, "aimkp_init_stride": 2})
 
 
 def test_deepspeed_zero_2_file_is_accepted_and_zero_3_file_named(tmp_path) -> None:
