@@ -8,7 +8,6 @@ Pure Python, as :mod:`.config`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,26 +30,6 @@ UNSUPPORTED_OPTIONS = (
     ("enable_liger_kernel", "Liger's fused cross-entropy returns no logits, and the step needs each copy's own loss"),
     ("use_unsloth", "Unsloth replaces the model's forward and attention, which the step calls with its own masks"),
 )
-# LLaMA-Factory options that train through another backend than the SFT workflow the plugin hooks (or replace the
-# layers the step reads): (key, what happens). An aimkp: true run there would train without AimKP.
-OTHER_BACKENDS = (
-    (
-        "use_kt",
-        "KTransformers replaces the MoE layers with its own CPU kernels, whose per-copy gradients the AimKP "
-        "step cannot read",
-    ),
-    (
-        "use_hyper_parallel",
-        "LLaMA-Factory then trains through its HyperParallel workflow, not the SFT trainer that runs the AimKP step",
-    ),
-)
-# Environment switches that send training to Megatron-Core instead of the SFT workflow: (variable, backend)
-OTHER_BACKEND_ENVIRONMENT = (("USE_MCA", "MCA (Megatron Core Adapter)"), ("USE_MEGATRON_BRIDGE", "Megatron-Bridge"))
-ATTENTION_WITHOUT_MASKS = ("fa2", "fa3")
-# QLoRA backends with which the steps are tested exact: LLaMA-Factory's quantization_method, and the quant_method of a
-# checkpoint's own quantization_config
-TESTED_QUANTIZATION = ("bnb",)
-TESTED_CHECKPOINT_QUANTIZATION = ("bitsandbytes",)  # FlashAttention takes no custom attention mask
 # LLaMA-Factory options that build their own optimizer (or parameter groups): aimkp_projector_lr cannot add a group.
 OWN_OPTIMIZER_KEYS = (
     "loraplus_lr_ratio",
@@ -61,16 +40,35 @@ OWN_OPTIMIZER_KEYS = (
     "use_muon",
     "fsdp",
 )
+# Training paths that leave LLaMA-Factory's SFT workflow, whose trainer runs the AimKP step (or change what the step's
+# passes compute): (key, why). LLaMA-Factory's train/tuner.py sends use_hyper_parallel to a trainer of its own; use_kt
+# keeps the SFT trainer but runs the MoE experts in KTransformers' kernels.
+OTHER_TRAINER_KEYS = (
+    ("use_hyper_parallel", "HyperParallel trains with a trainer of its own, so the AimKP step would not run"),
+    ("use_kt", "KTransformers runs the MoE experts in kernels of its own, which the AimKP step is not tested with"),
+)
+# The same, switched on by an environment variable (LLaMA-Factory reads "true", "y" or "1", any case): USE_MCA
+# (Megatron-Core, since 0.9.4) and USE_MEGATRON_BRIDGE (Megatron-Bridge, LLaMA-Factory main) make train/tuner.py run
+# their own SFT.
+OTHER_TRAINER_ENVIRONMENT = (
+    ("USE_MCA", "Megatron-Core (mcore_adapter) trains with a trainer of its own"),
+    ("USE_MEGATRON_BRIDGE", "Megatron-Bridge trains with a trainer of its own"),
+)
 SETUP_KEYS = tuple(
     dict.fromkeys(
         ("stage", "packing", "neat_packing", "use_ray", "streaming", "deepspeed", "fsdp", "flash_attn")
-        + tuple(key for key, _ in OTHER_BACKENDS)
+        + tuple(key for key, _ in OTHER_TRAINER_KEYS)
         + ("quantization_bit", "quantization_method")
         + tuple(key for key, _ in UNSUPPORTED_OPTIONS)
         + ("label_smoothing_factor", "neftune_noise_alpha", "lora_dropout")
         + OWN_OPTIMIZER_KEYS
     )
 )  # the config values the checks read, each once
+ATTENTION_WITHOUT_MASKS = ("fa2", "fa3")  # FlashAttention takes no custom attention mask
+# QLoRA backends with which the steps are tested exact: LLaMA-Factory's quantization_method, and the quant_method of a
+# checkpoint's own quantization_config
+TESTED_QUANTIZATION = ("bnb",)
+TESTED_CHECKPOINT_QUANTIZATION = ("bitsandbytes",)
 SUPPORTED_ENGINES = (
     "single process, DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs), or DeepSpeed ZeRO-0, ZeRO-1 and ZeRO-2"
 )
@@ -173,11 +171,8 @@ def check_projector_lr_config(setup: dict[str, Any]) -> None:
         )
 
 
-def check_training_config(
-    args: AimkpArguments, setup: dict[str, Any], environ: Mapping[str, str] | None = None
-) -> None:
-    """Reject training setups AimKP cannot run with; ``setup`` maps ``SETUP_KEYS`` to the config's values, and
-    ``environ`` is the environment the run sees (``os.environ`` when None).
+def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
+    """Reject training setups AimKP cannot run with; ``setup`` maps ``SETUP_KEYS`` to the config's values.
 
     Called only when ``aimkp: true``.
     """
@@ -199,6 +194,13 @@ def check_training_config(
         if is_set(value):
             raise AimkpConfigError(
                 f"aimkp: true does not support {name} yet; supported engines: {SUPPORTED_ENGINES}. Remove {name}."
+            )
+    for name, why in OTHER_TRAINER_KEYS:
+        value = setup.get(name)
+        if is_set(value):
+            raise AimkpConfigError(
+                f"aimkp: true does not support {name}: {value} yet ({why}); supported engines: {SUPPORTED_ENGINES}. "
+                f"Remove {name}."
             )
     for name, why in UNSUPPORTED_OPTIONS:
         value = setup.get(name)
@@ -227,7 +229,6 @@ def check_training_config(
             f"aimkp: true masks tokens with a custom attention mask, which flash_attn: {attention} cannot take. "
             "Use flash_attn: sdpa (or auto / disabled)."
         )
-    check_training_backend(setup, environ if environ is not None else os.environ)
     check_quantization(setup)
 
 
@@ -262,23 +263,15 @@ def check_checkpoint_quantization(model_name_or_path: str, model_config: dict[st
         )
 
 
-def env_enabled(value: str | None) -> bool:
-    """An environment switch as LLaMA-Factory reads it (``true``, ``y`` or ``1``, any case)."""
-    return (value or "").strip().lower() in ("true", "y", "1")
-
-
-def check_training_backend(setup: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Reject the LLaMA-Factory paths that train without the SFT workflow's trainer (config keys and environment
-    switches), where ``aimkp: true`` would otherwise train without AimKP and say nothing."""
-    for name, why in OTHER_BACKENDS:
-        if is_set(setup.get(name)):
-            raise AimkpConfigError(f"aimkp: true cannot be combined with {name}: true ({why}). Remove {name}.")
-    for variable, backend in OTHER_BACKEND_ENVIRONMENT:
-        if env_enabled(environ.get(variable)):
+def check_engine_environment(environ: Mapping[str, str]) -> None:
+    """Reject the environment variables that make LLaMA-Factory train with another trainer than its SFT workflow's
+    (``OTHER_TRAINER_ENVIRONMENT``), where the AimKP step would not run. Called only when ``aimkp: true``."""
+    for name, why in OTHER_TRAINER_ENVIRONMENT:
+        value = environ.get(name, "")
+        if value.strip().lower() in ("true", "y", "1"):
             raise AimkpConfigError(
-                f"aimkp: true cannot run with {variable}={environ[variable]}: LLaMA-Factory then trains through "
-                f"{backend}, not the SFT trainer that runs the AimKP step, so the run would train without AimKP. "
-                f"Unset {variable}, or remove aimkp."
+                f"aimkp: true does not support {name}={value} ({why}, so the AimKP step would not run); supported "
+                f"engines: {SUPPORTED_ENGINES}. Unset {name}."
             )
 
 

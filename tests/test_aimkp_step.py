@@ -319,6 +319,31 @@ def test_per_token_keys_are_padded_to_the_input_ids(tiny_models: dict, cmkp_work
         assert types.shape == ids.shape and torch.equal(types == 1, ids == config.image_token_id)
 
 
+@pytest.mark.compat
+@pytest.mark.parametrize("family", list(FAMILY_INPUTS))
+def test_the_split_does_not_depend_on_the_collators_padding(
+    family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """A batch padded to a multiple of 64 (LLaMA-Factory pads training batches to a multiple of 8, and main also
+    right-pads a shorter ``position_ids`` to the padded length) gives the same samples as the unpadded batch: the same
+    inputs, positions included, and the same spans."""
+    from transformers import AutoConfig
+
+    template, images = FAMILY_INPUTS[family]
+    config = AutoConfig.from_pretrained(tiny_models[family])
+    samples = {}
+    for multiple in (None, 64):
+        batch, tokenizer = llamafactory_batch(
+            tiny_models[family], template, cmkp_workspace, tmp_path / f"pad{multiple}", 2, images, multiple
+        )
+        samples[multiple] = BatchSplitter(config, tokenizer).split(batch, [0, 1])
+    assert batch["input_ids"].shape[1] % 64 == 0
+    for plain, padded in zip(samples[None], samples[64], strict=True):
+        assert plain.spans == padded.spans and plain.model_inputs.keys() == padded.model_inputs.keys()
+        for key, value in plain.model_inputs.items():
+            assert torch.equal(value, padded.model_inputs[key]), key
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("size", [1, 2])
 @pytest.mark.parametrize("family", list(FAMILY_INPUTS))

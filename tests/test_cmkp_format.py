@@ -74,6 +74,7 @@ def test_raw_and_aimkp_json_forms_of_the_real_validation_split_agree(cmkp_data: 
 # ---------------------------------------------------------------- through LLaMA-Factory's own loader
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     ("dataset", "records", "source"),
     [("raw_test", 50, "raw/test_src.txt"), ("jsonl_test", 50, "raw/test_src.txt"), ("json_valid", 24, None)],
@@ -92,6 +93,7 @@ def test_each_input_form_tokenizes_with_the_spec_prompt(
     assert answer.strip() == build_answer(first.keyphrases)
 
 
+@pytest.mark.compat
 def test_instruction_is_configurable_per_dataset(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path) -> None:
     train, tokenizer = load_through_llamafactory(
         tiny_models["llava"], "llava", cmkp_workspace, "custom_instruction", tmp_path
@@ -100,6 +102,7 @@ def test_instruction_is_configurable_per_dataset(tiny_models: dict, cmkp_workspa
     assert "\nList the hashtags of this post." in text and DEFAULT_INSTRUCTION not in text
 
 
+@pytest.mark.compat
 def test_qwen2vl_tokenizes_the_cmkp_prompt(tiny_models: dict, cmkp_workspace: Path, tmp_path: Path) -> None:
     train, tokenizer = load_through_llamafactory(
         tiny_models["qwen2_vl"], "qwen2_vl", cmkp_workspace, "raw_test", tmp_path
@@ -171,6 +174,7 @@ def test_every_bad_record_is_found_with_its_line_and_reason(bad_dataset: Path) -
         assert reason in found[location], (location, found[location])
 
 
+@pytest.mark.compat
 def test_llamafactory_load_fails_listing_first_problems_and_total(
     tiny_models: dict, bad_dataset: Path, tmp_path: Path
 ) -> None:
@@ -182,6 +186,7 @@ def test_llamafactory_load_fails_listing_first_problems_and_total(
     assert "skip_bad_records" in message  # says how to skip
 
 
+@pytest.mark.compat
 def test_skip_option_keeps_good_records_and_reports_the_rest(
     tiny_models: dict, bad_dataset: Path, tmp_path: Path
 ) -> None:
@@ -251,6 +256,7 @@ def test_truncated_jpeg_stops_the_run_before_the_model_loads(
     assert "Loading model" not in result.stdout and "skip_bad_records" in result.stdout
 
 
+@pytest.mark.compat
 def test_missing_dataset_file_is_named(tiny_models: dict, bad_dataset: Path, tmp_path: Path) -> None:
     shutil.move(bad_dataset / "posts.txt", bad_dataset / "moved.txt")
     with pytest.raises(CmkpFormatError, match=r"posts.txt: file not found"):

@@ -154,17 +154,14 @@ def test_boolean_rejects_other_values() -> None:
         ({"deepspeed": "missing_ds.json"}, "deepspeed: missing_ds.json: cannot read the DeepSpeed config"),
         ({"deepspeed": '{"zero_optimization": '}, "the inline deepspeed JSON: not valid JSON"),
         ({"fsdp": "full_shard"}, "does not support fsdp yet"),
+        ({"use_hyper_parallel": True}, "does not support use_hyper_parallel: True yet .HyperParallel trains with"),
+        ({"use_kt": "true"}, "does not support use_kt: true yet .KTransformers runs the MoE experts"),
         ({"streaming": True}, "streaming: true"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2"),
         ({"flash_attn": "fa3"}, "flash_attn: fa3 cannot take"),
         (
             {"quantization_bit": 4, "quantization_method": "hqq"},
             "quantization_method: bnb .bitsandbytes. only, not hqq",
-        ),
-        ({"use_kt": True}, "use_kt: true .KTransformers replaces the MoE layers"),
-        (
-            {"use_hyper_parallel": "true"},
-            "use_hyper_parallel: true .LLaMA-Factory then trains through its HyperParallel",
         ),
         ({"fp16": True}, "fp16: true .its loss scaling"),
         ({"train_on_prompt": True}, "train_on_prompt: true"),
@@ -181,14 +178,23 @@ def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) ->
         extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x", **setup})
 
 
-@pytest.mark.parametrize(("variable", "backend"), [("USE_MEGATRON_BRIDGE", "Megatron-Bridge"), ("USE_MCA", "MCA")])
-def test_megatron_switches_stop_an_aimkp_run(variable: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LLaMA-Factory's Megatron switches live in the environment; with one on, run_sft never runs."""
-    monkeypatch.setenv(variable, "1")
-    with pytest.raises(AimkpConfigError, match=f"{variable}=1: LLaMA-Factory then trains through {backend}"):
+@pytest.mark.parametrize(
+    ("variable", "value", "refused"),
+    [("USE_MCA", "1", True), ("USE_MEGATRON_BRIDGE", "true", True), ("USE_MEGATRON_BRIDGE", "Y", True)]
+    + [("USE_MCA", "0", False), ("USE_MEGATRON_BRIDGE", "false", False)],
+)
+def test_aimkp_refuses_the_environment_of_another_trainer(
+    variable: str, value: str, refused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLaMA-Factory's train/tuner.py runs Megatron-Core (USE_MCA) and Megatron-Bridge (USE_MEGATRON_BRIDGE, main)
+    with trainers of their own, where the AimKP step would not run; plain SFT keeps them."""
+    monkeypatch.setenv(variable, value)
+    if refused:
+        with pytest.raises(AimkpConfigError, match=f"does not support {variable}={value} .* Unset {variable}"):
+            extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
+    else:
         extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
-    monkeypatch.setenv(variable, "0")
-    extract_aimkp_arguments({"aimkp": True, "model_name_or_path": "x"})
+    extract_aimkp_arguments({"aimkp": False, "aimkp_init_stride": 2})
 
 
 def test_qlora_through_bitsandbytes_is_accepted_and_other_quantized_checkpoints_named() -> None:

@@ -499,9 +499,9 @@ QUANTIZED_SETUPS = {"qlora4": 4, "qlora8": 8}  # QLoRA: the base model quantized
 
 
 # every setup on the families with a layout of their own; batch 4 (padded rows, accumulation of a whole micro-batch)
-# on the rest
+# on the rest; batch 4 of every family is in the compat subset (make test-compat)
 FIVE_STEP_RUNS = [
-    (family, setup)
+    pytest.param(family, setup, marks=[pytest.mark.compat] if setup == "batch4" else [])
     for family in FAMILY_INPUTS
     if family != "qwen2_5_vl"
     for setup in (

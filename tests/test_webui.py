@@ -99,6 +99,7 @@ SECTION = {  # the section as a user might set it: every value differs from its 
 }
 
 
+@pytest.mark.compat
 def test_section_inputs_are_bound_to_preview_start_save_and_load(ui: tuple[Any, Any]) -> None:
     engine, blocks = ui
     inputs = {engine.manager.get_elem_by_id(f"train.{name}") for name in INPUTS}
@@ -112,6 +113,7 @@ def test_section_inputs_are_bound_to_preview_start_save_and_load(ui: tuple[Any, 
     }
 
 
+@pytest.mark.compat
 @pytest.mark.e2e
 def test_start_writes_a_yaml_that_trains_with_the_section_values(
     ui: tuple[Any, Any], tiny_models: dict, demo_data: Path, tmp_path: Path
@@ -125,6 +127,8 @@ def test_start_writes_a_yaml_that_trains_with_the_section_values(
     config_file = Path(save_cmd(runner._parse_train_args(data)))  # what Start does before llamafactory-cli train
     config = yaml.safe_load(config_file.read_text())
     assert aimkp_items(config) == {"aimkp": True, **SECTION, "aimkp_modalities": "image"}
+    if "train_seed" in {name for name, _ in ui[0].manager.get_elem_iter()}:  # LLaMA-Factory main's seed box
+        assert config["seed"] == 42  # its default, next to the section's keys
 
     result = run_llamafactory(config_file, tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -132,6 +136,7 @@ def test_start_writes_a_yaml_that_trains_with_the_section_values(
     assert "projector tensors train at lr 2e-05" in result.stdout
 
 
+@pytest.mark.compat
 def test_with_aimkp_off_the_arguments_have_no_aimkp_key(ui: tuple[Any, Any], tmp_path: Path) -> None:
     """Only the projector's learning rate stays (plain SFT takes it), and only while it is set."""
     from llamafactory.webui.common import gen_cmd, save_cmd
@@ -145,6 +150,7 @@ def test_with_aimkp_off_the_arguments_have_no_aimkp_key(ui: tuple[Any, Any], tmp
     assert aimkp_items(runner._parse_train_args(unset)) == {}
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -162,6 +168,7 @@ def test_bad_aimkp_settings_are_reported_in_the_train_tab(
     assert error.startswith("AimKP: ") and message in error
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     ("stage", "offload", "message"),
     [
@@ -184,6 +191,7 @@ def test_deepspeed_stage_with_aimkp_in_the_train_tab(
     assert error == "" if not message else error.startswith("AimKP: ") and message in error, error
 
 
+@pytest.mark.compat
 def test_every_language_labels_the_section(ui: tuple[Any, Any]) -> None:
     from llamafactory.webui.locales import LOCALES
 
@@ -200,6 +208,7 @@ def test_every_language_labels_the_section(ui: tuple[Any, Any]) -> None:
     assert LOCALES["aimkp"]["a-future-language"] == LOCALES["aimkp"]["en"]
 
 
+@pytest.mark.compat
 def test_save_and_load_arguments_round_trip_the_section(
     ui: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,6 +316,7 @@ def webui(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.compat
 @pytest.mark.e2e
 def test_browser_preview_shows_the_section_values(webui: str, tmp_path: Path) -> None:
     if not CHROMIUM.is_file():

@@ -7,6 +7,7 @@ unknown keys), validated, and kept for this process in :func:`active_arguments`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from ..checks import (
     SETUP_KEYS,
     check_checkpoint_quantization,
+    check_engine_environment,
     check_model_has_image_input,
     check_projector_lr_config,
     check_training_config,
@@ -65,6 +67,7 @@ def extract_aimkp_arguments(config: Any) -> tuple[Any, AimkpArguments | None]:
     setup = {key: _config_value(rest, key) for key in SETUP_KEYS}
     if arguments.aimkp:
         check_training_config(arguments, setup)
+        check_engine_environment(os.environ)
     if arguments.aimkp_projector_lr is not None:
         check_projector_lr_config(setup)
     return rest, arguments
@@ -83,9 +86,9 @@ def _patch_hparams_parser_read_args(module: ModuleType) -> None:
 
     Why: every LLaMA-Factory entry point (train, chat, export, web UI) reads its YAML or argv through ``read_args``
     before ``HfArgumentParser``, which rejects unknown keys. LLaMA-Factory calls ``read_args`` again on the config it
-    got back, so the result is marked as parsed; every other config (a new YAML, a dict from Python) sets the
-    process's :func:`active_arguments` afresh. Tested on llamafactory 0.9.5. It can go once LLaMA-Factory offers a
-    plugin argument API.
+    got back, so the result is marked as parsed; every other config (a new YAML, a dict from Python) sets the process's
+    :func:`active_arguments` afresh. Tested on llamafactory 0.9.5 and main (0.9.6.dev0). It can go once LLaMA-Factory
+    offers a plugin argument API.
     """
 
     def read_args(original: Any, args: Any = None) -> Any:
@@ -106,7 +109,7 @@ def _patch_hparams_parser_refuse_aimkp(module: ModuleType) -> None:
     """While the plugin is inactive, make ``read_args`` refuse configs with ``aimkp: true``.
 
     Why: with ``ALLOW_EXTRA_ARGS=1`` LLaMA-Factory would otherwise ignore the key and quietly train plain SFT.
-    Tested on llamafactory 0.9.5.
+    Tested on llamafactory 0.9.5 and main (0.9.6.dev0).
     """
 
     def read_args(original: Any, args: Any = None) -> Any:
@@ -181,8 +184,11 @@ def _patch_train_tuner_training_function(module: ModuleType) -> None:
 
     Why: ``_training_function`` is the first place all processes (single, torchrun ranks, the web UI's training
     process) pass through with the parsed config and before ``run_sft`` loads the model. It also decides here whether
-    evaluation reports the keyphrase metrics (``cmkp`` evaluation data with generation). Tested on llamafactory
-    0.9.5.
+    evaluation reports the keyphrase metrics (``cmkp`` evaluation data with generation). It is also where
+    LLaMA-Factory sends a run to another trainer than the SFT workflow's (HyperParallel, Megatron-Core, and in main
+    Megatron-Bridge); :func:`extract_aimkp_arguments` has refused those for ``aimkp: true`` by then (their keys and
+    environment variables: ``OTHER_TRAINER_KEYS`` and ``OTHER_TRAINER_ENVIRONMENT`` in :mod:`aimkp_plugin.checks`).
+    Tested on llamafactory 0.9.5 and main (0.9.6.dev0).
     """
 
     def _training_function(original: Any, config: dict[str, Any]) -> Any:

@@ -1,9 +1,11 @@
 """From LLaMA-Factory's padded SFT batches to unpadded per-sample inputs with their modality spans.
 
-Batch layouts (``SFTDataCollatorWith4DAttentionMask``, llamafactory 0.9.5): ``input_ids``, ``attention_mask`` (2-D
-0/1), ``labels``, ``pixel_values`` (the images' rows one after the other: how many rows an image takes is its model
-family's answer), per-image keys such as Qwen's ``image_grid_thw`` (one row per image), and for multimodal rope
-``position_ids`` (rows, B, L) with ``rope_deltas``.
+Batch layouts (``SFTDataCollatorWith4DAttentionMask``, llamafactory 0.9.5 and main): ``input_ids``,
+``attention_mask`` (2-D 0/1), ``labels``, ``pixel_values`` (the images' rows one after the other: how many rows an
+image takes is its model family's answer), per-image keys such as Qwen's ``image_grid_thw`` (one row per image), and
+for multimodal rope ``position_ids`` (rows, B, L) with ``rope_deltas``. Every per-token key is cut to the sample's
+``attention_mask``, so padding to a multiple of 8 (and main's right-padding of a shorter ``position_ids``) never
+reaches a sample.
 
 Images belong to samples in order; each image is one contiguous block of image tokens in its sample. The family
 (``aimkp_plugin.families``) turns each block into its grid or grids; a block that does not fit is an error naming the

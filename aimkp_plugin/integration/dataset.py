@@ -93,7 +93,7 @@ def _patch_data_parser_dataset_attr_join(module: ModuleType) -> None:
     """Wrap ``llamafactory.data.parser.DatasetAttr.join`` to keep an entry's ``"cmkp"`` options object.
 
     Why: ``join`` copies only the attributes LLaMA-Factory knows, so per-dataset options would be dropped.
-    Tested on llamafactory 0.9.5.
+    Tested on llamafactory 0.9.5 and main (0.9.6.dev0).
     """
 
     def join(original: Any, self: Any, attr: dict[str, Any]) -> None:
@@ -108,7 +108,7 @@ def _patch_data_converter_register_cmkp(module: ModuleType) -> None:
     """Register the ``cmkp`` converter with ``llamafactory.data.converter.register_dataset_converter``.
 
     Why: the converter handles ``formatting: cmkp`` for non-local sources (hub datasets). Registering twice raises
-    in LLaMA-Factory, so this checks first. Tested on llamafactory 0.9.5.
+    in LLaMA-Factory, so this checks first. Tested on llamafactory 0.9.5 and main (0.9.6.dev0).
     """
     if CMKP_FORMATTING in module.DATASET_CONVERTERS:
         return
@@ -210,7 +210,7 @@ def _patch_data_loader_load_single_dataset(module: ModuleType) -> None:
 
     Why: LLaMA-Factory would load ``*.txt`` as plain text lines and decode files before any converter runs, so a
     converter alone can neither parse raw CMKP lines nor report undecodable bytes or the line of a bad record.
-    Other datasets go to the original function untouched. Tested on llamafactory 0.9.5.
+    Other datasets go to the original function untouched. Tested on llamafactory 0.9.5 and main (0.9.6.dev0).
     """
 
     def _load_single_dataset(original: Any, dataset_attr: Any, model_args: Any, data_args: Any, training_args: Any):

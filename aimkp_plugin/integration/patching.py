@@ -24,9 +24,10 @@ from ..config import plugin_disabled
 from .touch_points import GUARD_PATCHES, PATCHES
 
 
-SUPPORTED_LLAMAFACTORY = ((0, 9, 5), (0, 9, 6))  # [lowest, first unsupported)
-SUPPORTED_LLAMAFACTORY_TEXT = ">=0.9.5,<0.9.6"
-FIX_COMMAND = "pip install 'llamafactory>=0.9.5,<0.9.6'"
+# [lowest, first unsupported), compared by release number, so 0.9.6's pre-releases (main's 0.9.6.dev0) are in
+SUPPORTED_LLAMAFACTORY = ((0, 9, 5), (0, 9, 7))
+SUPPORTED_LLAMAFACTORY_TEXT = ">=0.9.5,<0.9.7"
+FIX_COMMAND = "pip install 'llamafactory>=0.9.5,<0.9.7'"
 PATCH_MARKER = "__aimkp_patch__"
 TRACE_ENV = "AIMKP_PLUGIN_TRACE"
 

@@ -348,7 +348,8 @@ def _patch_train_sft_workflow_trainer(module: ModuleType) -> None:
 
     Why: ``run_sft`` builds its trainer from that name and the v0 trainer has no hook for a custom step. The subclass
     changes nothing unless the run's config has ``aimkp: true``. It subclasses ``llamafactory.train.sft.trainer.
-    CustomSeq2SeqTrainer``, the class ``workflow`` imported by that name. Tested on llamafactory 0.9.5.
+    CustomSeq2SeqTrainer``, the class ``workflow`` imported by that name. Tested on llamafactory 0.9.5 and main
+    (0.9.6.dev0).
     """
     patching.replace_attribute(module, "CustomSeq2SeqTrainer", "aimkp_trainer", lambda _: trainer_for_run)
 

@@ -1,11 +1,12 @@
 """Touch point: LlamaBoard, LLaMA-Factory's web UI (``llamafactory-cli webui``).
 
-Adds an "AimKP" section to the Train tab, right after the other method sections (BAdam is the last in 0.9.5). Its
-inputs are bound to "Preview command", "Start", "Save arguments" and "Load arguments" like LLaMA-Factory's own, and
-with "Use AimKP" ticked the training arguments get the ``aimkp*`` keys with the section's values (none otherwise).
-Start writes them into ``training_args.yaml`` and runs ``llamafactory-cli train`` as a separate process, where the
-``.pth`` hook activates the plugin as in any other run. When the plugin is inactive or one of its patches failed,
-the Train tab shows a warning instead of the section.
+Adds an "AimKP" section to the Train tab, right after the other method sections (BAdam is the last in 0.9.5 and
+main). Its inputs are bound to "Preview command", "Start", "Save arguments" and "Load arguments" like LLaMA-Factory's
+own, and with "Use AimKP" ticked the training arguments get the ``aimkp*`` keys with the section's values (none
+otherwise). Start writes them into ``training_args.yaml`` and runs ``llamafactory-cli train`` as a separate process,
+where the ``.pth`` hook activates the plugin as in any other run (main writes that process's output to
+``<output_dir>/webui_subprocess.log``; 0.9.5 reads its stderr). When the plugin is inactive or one of its patches
+failed, the Train tab shows a warning instead of the section.
 
 Element names equal the YAML keys (ids ``train.aimkp``, ``train.aimkp_text_threshold``, ...). Nothing here imports
 gradio or LLaMA-Factory at module level: training processes import this module with the patch registry.
@@ -42,7 +43,7 @@ INPUTS = (
     "aimkp_progressive",
     "aimkp_projector_lr",
 )
-ANCHOR = "badam_tab"  # the last method section of LLaMA-Factory 0.9.5's Train tab (SwanLab, after it, is logging)
+ANCHOR = "badam_tab"  # the last method section of the Train tab in 0.9.5 and main (SwanLab, after it, is logging)
 MAX_INIT_STRIDE = 64
 WARNING_TEXT = "**AimKP is off in this web UI**: {reason}. Runs started here train without AimKP."
 
@@ -226,10 +227,11 @@ def _wrap_create_train_tab(module: ModuleType, patch_name: str, wrapper: Any) ->
 def _patch_webui_components_train_create_train_tab(module: ModuleType) -> None:
     """Wrap ``llamafactory.webui.components.train.create_train_tab`` to add the AimKP section to the Train tab.
 
-    Why: the Train tab has no extension point; its inputs must be in the set the function binds to Preview, Start,
-    Save and Load (see :func:`_base_elems_with`), and the section belongs among the method sections (see
+    Why: the Train tab has no extension point; its inputs must be in the set the function binds to Preview, Start, Save
+    and Load (see :func:`_base_elems_with`), and the section belongs among the method sections (see
     :func:`_place_after_anchor`). If the plugin turns out inactive or a patch failed, the tab shows a warning instead.
-    Tested on llamafactory 0.9.5 with gradio 5.50.0. It can go when LlamaBoard accepts plugin sections.
+    Tested on llamafactory 0.9.5 and main (0.9.6.dev0) with gradio 5.50.0. It can go when LlamaBoard accepts plugin
+    sections.
     """
     _wrap_create_train_tab(module, "create_train_tab", _train_tab_with_aimkp)
 
@@ -238,7 +240,8 @@ def _patch_webui_components_train_warn_inactive(module: ModuleType) -> None:
     """While the plugin is inactive, wrap ``create_train_tab`` to show why in place of the AimKP section.
 
     Why: without it a user who expects the section would not know that it is missing, nor why (disabled, unsupported
-    LLaMA-Factory). Tested on llamafactory 0.9.5 with gradio 5.50.0. It goes with the section patch.
+    LLaMA-Factory). Tested on llamafactory 0.9.5 and main (0.9.6.dev0) with gradio 5.50.0. It goes with the section
+    patch.
     """
     _wrap_create_train_tab(module, "create_train_tab_warn_inactive", _train_tab_with_warning)
 
@@ -249,7 +252,8 @@ def _patch_webui_locales_add_aimkp(module: ModuleType) -> None:
     Why: ``Engine.change_lang`` sets every element's label from ``LOCALES[name][lang]``. Languages without a
     translation (ru, ko, ja, ...) get the English texts. The dict is updated in place because ``engine``, ``runner``
     and the components import it by name; :func:`patching.revert_all` leaves these new, otherwise unused, entries.
-    Tested on llamafactory 0.9.5 with gradio 5.50.0. It can go when LlamaBoard accepts plugin sections.
+    Tested on llamafactory 0.9.5 and main (0.9.6.dev0) with gradio 5.50.0. It can go when LlamaBoard accepts plugin
+    sections.
     """
     languages = {lang for entry in module.LOCALES.values() for lang in entry}
     for name, texts in TEXTS.items():
@@ -261,7 +265,7 @@ def _patch_webui_common_clean_cmd(module: ModuleType) -> None:
 
     Why: ``gen_cmd`` (Preview) and ``save_cmd`` (Start's ``training_args.yaml``) drop False values, which would turn
     ``aimkp_filter: false`` / ``aimkp_progressive: false`` into their defaults (true). The keys are only there when
-    AimKP is on. Tested on llamafactory 0.9.5. It can go when LlamaBoard accepts plugin sections.
+    AimKP is on. Tested on llamafactory 0.9.5 and main (0.9.6.dev0). It can go when LlamaBoard accepts plugin sections.
     """
 
     def _clean_cmd(original: Any, args: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +305,8 @@ def _patch_webui_runner_parse_train_args(module: ModuleType) -> None:
     """Wrap ``llamafactory.webui.runner.Runner._parse_train_args`` to add the AimKP section's ``aimkp*`` keys.
 
     Why: Preview (``gen_cmd``) and Start (``save_cmd`` then ``llamafactory-cli train``) both build their arguments
-    here. Tested on llamafactory 0.9.5 with gradio 5.50.0. It can go when LlamaBoard accepts plugin sections.
+    here. Tested on llamafactory 0.9.5 and main (0.9.6.dev0) with gradio 5.50.0. It can go when LlamaBoard accepts
+    plugin sections.
     """
 
     def _parse_train_args(original: Any, self: Any, data: dict[Component, Any]) -> dict[str, Any]:
@@ -315,10 +320,10 @@ def _patch_webui_runner_parse_train_args(module: ModuleType) -> None:
 def _patch_webui_runner_initialize(module: ModuleType) -> None:
     """Wrap ``llamafactory.webui.runner.Runner._initialize`` to check the AimKP values before Preview, Save, Start.
 
-    Why: the training process would stop on the same problems (no modality chosen, fp16, packing, ZeRO-3, a stage
-    other than SFT), but only after Start, in its log; here the Train tab shows the message at once, the way
-    LLaMA-Factory reports its own invalid settings. Tested on llamafactory 0.9.5 with gradio 5.50.0. It can go when
-    LlamaBoard accepts plugin sections.
+    Why: the training process would stop on the same problems (no modality chosen, fp16, packing, ZeRO-3, a stage other
+    than SFT), but only after Start, in its log; here the Train tab shows the message at once, the way LLaMA-Factory
+    reports its own invalid settings. Tested on llamafactory 0.9.5 and main (0.9.6.dev0) with gradio 5.50.0. It can go
+    when LlamaBoard accepts plugin sections.
     """
 
     def _initialize(original: Any, self: Any, data: dict[Component, Any], do_train: bool, from_preview: bool) -> str:
