@@ -1,7 +1,7 @@
 """The ``aimkp`` command: tiny offline models, the demo dataset, and an activation check.
 
 aimkp models tiny --out build/tiny [--name llava ...] [--force]
-aimkp models families
+aimkp models families [--templates [--markdown]]
 aimkp data demo --out data/demo
 aimkp doctor
 """
@@ -40,8 +40,27 @@ def _models_tiny(options: argparse.Namespace) -> int:
 def _models_families(options: argparse.Namespace) -> int:
     from .families import FAMILIES
 
-    print(families_markdown(FAMILIES))
+    if not options.templates:
+        print(families_markdown(FAMILIES))
+        return 0
+    from .families.templates import template_answers
+    from .integration.templates import multimodal_templates
+
+    answers = template_answers(multimodal_templates())
+    if options.markdown:
+        print(templates_summary_markdown(answers), templates_markdown(answers), sep="\n\n")
+    else:
+        print("\n".join(json.dumps(answer.as_json()) for answer in answers))
     return 0
+
+
+def templates_markdown(answers) -> str:
+    """The per-template table of docs/families.md: one row per multimodal template of LLaMA-Factory's registry."""
+    lines = ["| template | `model_type` | answer | why |", "|---|---|---|---|"]
+    for answer in answers:
+        model_types = ", ".join(f"`{model_type}`" for model_type in answer.model_types)
+        lines.append(f"| `{answer.template}` | {model_types} | {answer.status} | {answer.reason} |")
+    return "\n".join(lines)
 
 
 def families_markdown(families) -> str:
@@ -61,6 +80,26 @@ def families_markdown(families) -> str:
             f"{description.positions} | {fast} | {tiny} |"
         )
     return "\n".join(lines)
+
+
+def templates_summary_markdown(answers) -> str:
+    """The README's table: the templates of each answer, in the registry's order."""
+    first_class = [f"`{answer.template}`" for answer in answers if answer.status == "first-class"]
+    same_code = [
+        f"`{answer.template}` ({answer.status.removeprefix('same code as ')})"
+        for answer in answers
+        if answer.status.startswith("same code as ")
+    ]
+    refused = [f"`{answer.template}`" for answer in answers if answer.refused]
+    return "\n".join(
+        [
+            "| answer | templates |",
+            "|---|---|",
+            f"| first-class: exact, tested with a tiny model | {', '.join(first_class)} |",
+            f"| the same code as a family (in brackets): runs, not tested on its own | {', '.join(same_code)} |",
+            f"| refused before the model loads, with the reason | {', '.join(refused)} |",
+        ]
+    )
 
 
 def _data_demo(options: argparse.Namespace) -> int:
@@ -144,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--force", action="store_true", help="Rebuild even if a matching build exists.")
     tiny.set_defaults(run=_models_tiny)
     families = models.add_parser("families", help="The supported model families, as a markdown table.")
+    families.add_argument(
+        "--templates",
+        action="store_true",
+        help="Instead: one JSON line per multimodal template of the installed LLaMA-Factory (template, model_types, "
+        "status: first-class, same code as <family> or refused, reason, plugin).",
+    )
+    families.add_argument("--markdown", action="store_true", help="With --templates: a markdown table instead.")
     families.set_defaults(run=_models_families)
 
     data = commands.add_parser("data", help="Build datasets.").add_subparsers(dest="what", required=True)

@@ -143,12 +143,7 @@ class Gemma4Family(ModelFamily):
     def run_problems(self, model_config: dict[str, Any], setting: Callable[[str], Any]) -> list[str]:
         problems = []
         template = setting("template")
-        if template == "gemma4n":
-            problems.append(
-                "template: gemma4n adds a dummy audio clip (input_features) to every batch without audio, which the "
-                "AimKP step cannot split per sample. Set template: gemma4 (the same model and image path)."
-            )
-        elif template not in self.templates:
+        if template not in self.templates:  # gemma4n: refused with the other templates (families/templates.py)
             problems.append(
                 f"template: {template} does not lay out Gemma 4's image tokens (<|image> + soft tokens + <image|>). "
                 "Set template: gemma4."

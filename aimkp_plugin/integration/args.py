@@ -142,6 +142,8 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
     model = _config_value(config, "model_name_or_path")
     if model is None:
         raise AimkpConfigError("aimkp: true needs model_name_or_path.")
+    if arguments.aimkp:
+        check_template_is_answered(_config_value(config, "template"))
     trust = is_true(_config_value(config, "trust_remote_code"))
     model_config = load_model_config(str(model), trust)
     from ..families import family_for  # torch and the family modules: only once a run asks for AimKP
@@ -160,6 +162,24 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
     problems = family.run_problems(model_config, lambda name: _config_value(config, name))
     if problems:
         raise AimkpConfigError(f"aimkp: true with a {family.name} model: " + " ".join(problems))
+
+
+def check_template_is_answered(template: str | None) -> None:
+    """A multimodal template that ``aimkp_plugin.families.templates`` refuses stops here, before the model config is
+    read: the reason names what the template's models do that AimKP cannot be exact with, and the nearest supported
+    family. Text-only templates pass (an image model with one fails in LLaMA-Factory's own checks)."""
+    from ..families.templates import template_answer
+    from .templates import multimodal_templates
+
+    registry = multimodal_templates()
+    if template is None or template not in registry:
+        return
+    answer = template_answer(str(template), registry[template])
+    if answer.refused:
+        raise AimkpConfigError(
+            f"aimkp: true does not support template: {template}: {answer.reason} (`aimkp models families "
+            "--templates` lists every template's answer.)"
+        )
 
 
 def check_family_is_known(model: str, family: Any) -> None:
