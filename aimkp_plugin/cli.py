@@ -76,7 +76,7 @@ def families_markdown(families) -> str:
         fast = "yes" if family.has_fast_step else "no"
         description = family.description
         lines.append(
-            f"| `{'`, `'.join(family.model_types)}` | {templates} | {description.grid} | {description.masked} | "
+            f"| {model_types_markdown(family)} | {templates} | {description.grid} | {description.masked} | "
             f"{description.positions} | {fast} | {tiny} |"
         )
     return "\n".join(lines)
@@ -100,6 +100,15 @@ def templates_summary_markdown(answers) -> str:
             f"| refused before the model loads, with the reason | {', '.join(refused)} |",
         ]
     )
+
+
+def model_types_markdown(family) -> str:
+    """The family's model types, and the vision towers it takes them with where it names them."""
+    types = ", ".join(f"`{model_type}`" for model_type in family.model_types)
+    if family.vision_model_types:
+        towers = ", ".join(f"`{tower}`" for tower in family.vision_model_types)
+        types += f" with a {towers} vision tower"
+    return types
 
 
 def _data_demo(options: argparse.Namespace) -> int:

@@ -326,7 +326,7 @@ def accelerator_cap(bench: StepBench, stride: int) -> int:
     from aimkp_plugin.families import family_for
     from aimkp_plugin.method.pass_planning import default_max_tokens, plan_rows
 
-    family = family_for(bench.model.config.model_type)
+    family = family_for(bench.model.config)
     rows, _ = plan_rows(bench.samples, bench.state_at(stride), bench.config, family.removes_hidden_tokens)
     return default_max_tokens(bench.samples, rows, torch.device("cuda"))
 

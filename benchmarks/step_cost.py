@@ -110,7 +110,7 @@ def collate(collator: Any, features: list[dict], batch_size: int, device: str) -
 
 
 def build(workdir: Path, name: str, batch_size: int, device: str, bf16: bool):
-    from aimkp_plugin.families import FAMILY_TABLE
+    from aimkp_plugin.families import FAMILY_BY_NAME
     from aimkp_plugin.integration.patching import apply_aimkp_to_llamafactory
 
     apply_aimkp_to_llamafactory()  # a no-op under the .pth activation; needed where the package is only on the path
@@ -118,7 +118,7 @@ def build(workdir: Path, name: str, batch_size: int, device: str, bf16: bool):
 
     tiny, extra = MODELS[name]
     template_name = TINY_MODELS[tiny].template
-    projector = FAMILY_TABLE[TINY_MODELS[tiny].family].projector
+    projector = FAMILY_BY_NAME[TINY_MODELS[tiny].family].projector
     repo = Path(__file__).resolve().parents[1]
     model_path = build_tiny_model(tiny, repo / "build" / "tiny" / tiny)
     model, features, collator, tokenizer = lora_model(
@@ -200,7 +200,7 @@ class StepBench:
         self.samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(batch_size)))
         self.config = StepConfig(modalities=["text", "image"], thresholds={"text": 0.1, "image": 0.4})
         self.tokens = sum(sample.num_answer_tokens for sample in self.samples)
-        family = family_for(model.config.model_type)
+        family = family_for(model.config)
         self.layout = fast_step_layout(model, family)
         self.reference_mask = family.reference_mask_builder(model)
         self.removal = family.token_removal(model)

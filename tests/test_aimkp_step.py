@@ -103,6 +103,16 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
             "image_sizes": batch["image_sizes"][row : row + 1],
         }
         return inputs, [image[: g * g], high_res], [(g, g), (rows, cols)], 1
+    if family in ("mistral3", "pixtral"):  # rows of [IMG] from image_sizes, each row followed by one break token
+        height, width = batch["image_sizes"][row].tolist()
+        step = config.vision_config.patch_size * getattr(config, "spatial_merge_size", 1)
+        rows, cols = height // step, width // step
+        assert len(image) == rows * cols and all(image[r * cols] == image[r * cols - 1] + 2 for r in range(1, rows))
+        inputs = {
+            "pixel_values": batch["pixel_values"][row : row + 1].double(),
+            "image_sizes": batch["image_sizes"][row : row + 1],
+        }
+        return inputs, [image], [(rows, cols)], 1
     if family == "internvl":
         per_tile = config.image_seq_length  # each tile: a square grid of tokens after the pixel shuffle
         tiles = len(image) // per_tile
@@ -183,7 +193,7 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         }
         truth.append((gradients, n_tokens, cosines))
 
-    if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
+    if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "mistral3", "pixtral"):
         assert all(rows != cols for _, [(rows, cols)] in layouts), layouts  # non-square merged grids
     if family == "internvl":
         assert all(tiles > 1 for tiles, _ in layouts), layouts  # tiles plus a thumbnail
@@ -213,7 +223,7 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
     config = StepConfig(modalities=["text", "image"], thresholds=thresholds)
     batch_for_plugin = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
     samples = BatchSplitter(model.config, tokenizer).split(batch_for_plugin, [0, 1, 2])
-    family_of_model = family_for(model.config.model_type)
+    family_of_model = family_for(model.config)
     mask, removal = family_of_model.reference_mask_builder(model), family_of_model.token_removal(model)
     outcomes = [
         reference_sample_step(model, parameters, s, state, config, total_tokens, torch.bool, 0, mask, removal)
@@ -246,7 +256,7 @@ def plugin_copy_logits(model, sample, hidden: list[int]) -> torch.Tensor:
     """The reference step's logits of a copy at its kept tokens ``(K, V)``."""
     from aimkp_plugin.method.step import copy_logits
 
-    family = family_for(model.config.model_type)
+    family = family_for(model.config)
     mask, removal = family.reference_mask_builder(model), family.token_removal(model)
     with torch.no_grad():
         logits, _ = copy_logits(model, sample, hidden, torch.bool, mask, removal)
@@ -463,12 +473,12 @@ def test_resume_from_a_checkpoint_without_state_fails_clearly(tmp_path: Path) ->
         AimkpCallback(AimkpArguments(aimkp=True), ["a"]).restore(str(tmp_path))
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl", "gemma3", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl", "gemma3", "llava_next", "mistral3", "pixtral"])
 def test_image_that_does_not_fit_the_family_layout_is_an_error(
     family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ) -> None:
-    """One image token too few (LLaVA, InternVL) or a wrong ``image_grid_thw`` (Qwen2-VL): the splitter names the
-    sample, the family and the counts instead of masking the image some other way."""
+    """One image token too few (LLaVA, InternVL, Mistral 3, Pixtral) or a wrong ``image_grid_thw`` (Qwen2-VL): the
+    splitter names the sample, the family and the counts instead of masking the image some other way."""
     from transformers import AutoConfig
 
     from aimkp_plugin.families import ImageLayoutError

@@ -69,7 +69,7 @@ def lora_model(
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=torch.float64, attn_implementation="sdpa", experts_implementation="eager"
     )
-    projector = family_for(model.config.model_type).projector.split(".")[-1]  # multi_modal_projector, merger
+    projector = family_for(model.config).projector.split(".")[-1]  # multi_modal_projector, merger
     config = LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LANGUAGE_LINEAR, init_lora_weights=False
     )
@@ -93,7 +93,7 @@ def lora_model(
 
 
 def layout_of(model: torch.nn.Module):
-    return fast_step_layout(model, family_for(model.config.model_type))
+    return fast_step_layout(model, family_for(model.config))
 
 
 def fresh_state() -> CurriculumState:
@@ -108,7 +108,7 @@ def run_reference(model, samples, config: StepConfig, tokens: float):
     model.zero_grad(set_to_none=True)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     state = fresh_state()
-    family = family_for(model.config.model_type)
+    family = family_for(model.config)
     mask, removal = family.reference_mask_builder(model), family.token_removal(model)
     outcomes = [
         reference_sample_step(model, parameters, s, state, config, tokens, torch.bool, 0, mask, removal)
@@ -138,6 +138,7 @@ def summary(outcomes) -> list:
         "llava-vision",
         "llava-vision-checkpointing",
         "qwen3_vl-vision",
+        "mistral3-vision",
         "qwen3_5-moe",
         "gemma3-window",
     ],
@@ -179,7 +180,7 @@ def test_fast_step_equals_the_reference_step(case) -> None:
         assert fast.updates == reference.updates
     assert state.to_dict() == expected_state.to_dict()
     names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-    projector = family_for(model.config.model_type).projector.split(".")[-1]
+    projector = family_for(model.config).projector.split(".")[-1]
     assert any(projector in n for n in names) and any("lm_head" in n for n in names)
     for name, fast_grad, reference_grad in zip(names, grads, expected_grads, strict=True):
         torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-9, atol=1e-13, msg=name)
@@ -439,7 +440,7 @@ def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None
 
     outcomes, left, state, _ = run_fast(model, changed, config, tokens)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    family = family_for(model.config.model_type)
+    family = family_for(model.config)
     if family.removes_hidden_tokens:
         assert left == [] and [outcome.index for outcome in outcomes] == [0, 1, 2, 3]
     else:
@@ -506,7 +507,7 @@ FIVE_STEP_RUNS = [
     if family != "qwen2_5_vl"
     for setup in (
         TRAINING_SETUPS
-        if family in ("llava", "qwen2_vl", "qwen3_vl", "internvl", "gemma3", "llava_next")
+        if family in ("llava", "qwen2_vl", "qwen3_vl", "internvl", "gemma3", "llava_next", "mistral3")
         else ["batch4"]
     )
     if setup not in QUANTIZED_SETUPS

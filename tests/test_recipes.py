@@ -29,6 +29,8 @@ def test_all_expected_recipes_exist() -> None:
         "internvl",
         "gemma3",
         "llava_next",
+        "mistral3",
+        "pixtral",
     )
     for family in families:
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names
@@ -83,6 +85,8 @@ def short_families_markdown(families) -> str:
     ]
     for family in families:
         types = ", ".join(f"`{model_type}`" for model_type in family.model_types)
+        if family.vision_model_types:  # a model type shared by two families: the vision tower tells them apart
+            types += " with a " + ", ".join(f"`{tower}`" for tower in family.vision_model_types) + " vision tower"
         templates = ", ".join(f"`{template}`" for template in family.templates)
         tiny = ", ".join(f"`{spec.name}`" for spec in family.tiny_models)
         fast = "yes" if family.has_fast_step else "no"

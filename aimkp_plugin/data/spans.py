@@ -1,7 +1,8 @@
 """Where the post text sits inside the token ids actually fed to the model.
 
 - Image tokens: the positions holding the model's image token id before the answer, in contiguous blocks (one per
-  image). What grid a block forms is the model family's business (``aimkp_plugin.families``).
+  image); runs parted only by a family's break tokens (Pixtral's ``[IMG_BREAK]`` after each row) are one block, the
+  break tokens not in it. What grid a block forms is the model family's business (``aimkp_plugin.families``).
 - Text: the tokens after the last image block (and the special tokens closing the image) up to the instruction,
   found by its token ids; whitespace-only tokens at either end (the newline before the instruction, Gemma 3's blank
   line after the image) are left out. If the
@@ -38,9 +39,20 @@ def contiguous_blocks(positions: Sequence[int]) -> list[list[int]]:
     return blocks
 
 
-def image_blocks(input_ids: Sequence[int], answer_start: int, image_token_id: int) -> list[list[int]]:
-    """The contiguous runs of ``image_token_id`` before the answer: one per image, in order."""
-    return contiguous_blocks([index for index in range(answer_start) if input_ids[index] == image_token_id])
+def image_blocks(
+    input_ids: Sequence[int], answer_start: int, image_token_id: int, breaks: frozenset[int] = frozenset()
+) -> list[list[int]]:
+    """The contiguous runs of ``image_token_id`` before the answer: one per image, in order. Runs parted only by
+    tokens of ``breaks`` (row breaks inside one image) form one block; the break tokens are not in it."""
+    blocks = contiguous_blocks([index for index in range(answer_start) if input_ids[index] == image_token_id])
+    joined: list[list[int]] = []
+    for block in blocks:
+        gap = range(joined[-1][-1] + 1, block[0]) if joined else range(0)
+        if joined and len(gap) and all(input_ids[index] in breaks for index in gap):
+            joined[-1].extend(block)
+        else:
+            joined.append(block)
+    return joined
 
 
 def find_subsequence(sequence: Sequence[int], pattern: Sequence[int], start: int, end: int) -> int:

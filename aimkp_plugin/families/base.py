@@ -60,6 +60,9 @@ class ModelFamily:
 
     name: ClassVar[str] = "generic"
     model_types: ClassVar[tuple[str, ...]] = ()
+    # non-empty: the family takes its model_types only with one of these vision towers (vision_config.model_type;
+    # Pixtral-12B is a ``llava`` with a ``pixtral`` tower); the family without takes the rest of its model_types
+    vision_model_types: ClassVar[tuple[str, ...]] = ()
     templates: ClassVar[tuple[str, ...]] = ()  # LLaMA-Factory templates that fit
     projector: ClassVar[str] = ""  # the projector's module name, for ``additional_target`` in recipes
     description: ClassVar[FamilyDescription] = FamilyDescription(
@@ -67,6 +70,8 @@ class ModelFamily:
     )
     per_image_keys: ClassVar[tuple[str, ...]] = ()  # batch keys with one row per image (e.g. image_grid_thw)
     per_token_keys: ClassVar[tuple[str, ...]] = ()  # batch keys shaped like input_ids (e.g. token_type_ids)
+    # tokens that sit between one image's image tokens (Pixtral's row break): never image tokens, never masked
+    image_break_tokens: ClassVar[tuple[str, ...]] = ()
     custom_attention: ClassVar[bool] = False  # True: attention is not plain causal (reference_attention_mask)
     # True: the model mixes tokens outside attention (linear attention, convolutions), where a masked token still
     # moves the state; a copy then runs with its hidden tokens removed from the sequence (language_inputs_kept)
@@ -75,6 +80,11 @@ class ModelFamily:
     tiny_models: ClassVar[tuple[TinyModelSpec, ...]] = ()
 
     # ------------------------------------------------------------------ image tokens and grids
+
+    def accepts(self, model_config: Any) -> bool:
+        """Whether a model of one of :attr:`model_types` belongs here: always, unless the family names its vision
+        towers (:attr:`vision_model_types`)."""
+        return not self.vision_model_types or vision_model_type(model_config) in self.vision_model_types
 
     def image_token_id(self, config: Any) -> int | None:
         """The image placeholder token id of a model config (``image_token_index`` or ``image_token_id``)."""
@@ -179,6 +189,19 @@ class ModelFamily:
 
     def build_tiny(self, spec: TinyModelSpec, out: Path) -> None:
         raise NotImplementedError(f"the {self.name} family has no tiny-model builder")
+
+
+def config_value(config: Any, name: str, default: Any = None) -> Any:
+    """``name`` of a model config given as a transformers config or as the dict of its ``config.json``."""
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def vision_model_type(model_config: Any) -> str | None:
+    """The ``model_type`` of a model config's ``vision_config`` (None without one)."""
+    vision = config_value(model_config, "vision_config")
+    return None if vision is None else config_value(vision, "model_type")
 
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")

@@ -148,7 +148,7 @@ def check_before_training(config: dict[str, Any] | list[str], arguments: AimkpAr
     model_config = load_model_config(str(model), trust)
     from ..families import family_for  # torch and the family modules: only once a run asks for AimKP
 
-    family = family_for(model_config.get("model_type"))
+    family = family_for(model_config)
     if arguments.aimkp_projector_lr is not None and not family.projector:
         raise AimkpConfigError(
             f"aimkp_projector_lr: no projector is known for model_type {family.name} (the families of the README's "
@@ -190,7 +190,7 @@ def check_family_is_known(model: str, family: Any) -> None:
 
     if not isinstance(family, GenericFamily):
         return
-    supported = ", ".join(model_type for known in FAMILIES for model_type in known.model_types)
+    supported = ", ".join(dict.fromkeys(model_type for known in FAMILIES for model_type in known.model_types))
     raise AimkpConfigError(
         f"aimkp: true does not support model_type {family.name} ({model}) yet: no model family of the plugin says "
         "where its image tokens sit, how its positions run and whether its layers mix tokens outside attention, "

@@ -7,9 +7,9 @@ for multimodal rope ``position_ids`` (rows, B, L) with ``rope_deltas``. Every pe
 ``attention_mask``, so padding to a multiple of 8 (and main's right-padding of a shorter ``position_ids``) never
 reaches a sample.
 
-Images belong to samples in order; each image is one contiguous block of image tokens in its sample. The family
-(``aimkp_plugin.families``) turns each block into its grid or grids; a block that does not fit is an error naming the
-sample, the family and the counts.
+Images belong to samples in order; each image is one contiguous block of image tokens in its sample (its rows parted
+only by the family's break tokens, Pixtral's ``[IMG_BREAK]``). The family (``aimkp_plugin.families``) turns each
+block into its grid or grids; a block that does not fit is an error naming the sample, the family and the counts.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class BatchSplitter:
 
     def __init__(self, model_config: Any, tokenizer: Any, family: ModelFamily | None = None) -> None:
         self.config = model_config
-        self.family = family if family is not None else family_for(getattr(model_config, "model_type", None))
+        self.family = family if family is not None else family_for(model_config)
         self.image_token_id = self.family.image_token_id(model_config)
         if self.image_token_id is None:
             raise UnsupportedBatchError(f"model_type {self.family.name} has no image token id; AimKP needs images.")
@@ -58,8 +58,16 @@ class BatchSplitter:
             token_id for token_id, token in self.tokenizer.added_tokens_decoder.items() if token.special
         }
         self.special_ids.discard(self.image_token_id)
+        self.break_ids = frozenset(self.token_id(token) for token in self.family.image_break_tokens)
         self.warned_instruction = False
         self.instructions = self.instruction_patterns()
+
+    def token_id(self, token: str) -> int:
+        """The id of one of the family's special tokens; an error when the tokenizer lacks it."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise UnsupportedBatchError(f"aimkp: the {self.family.name} model family needs the token {token}.")
+        return int(token_id)
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one splitter per training run
     def is_whitespace(self, token_id: int) -> bool:
@@ -93,7 +101,7 @@ class BatchSplitter:
             ids, labels = batch["input_ids"][row][visible], batch["labels"][row][visible]
             id_list = ids.tolist()
             answer_start = answer_start_of(labels.tolist())
-            blocks = image_blocks(id_list, len(id_list), self.image_token_id)  # every image of the row
+            blocks = image_blocks(id_list, len(id_list), self.image_token_id, self.break_ids)  # every image
             numbers = range(image_count, image_count + len(blocks))
             image_count += len(blocks)
             per_image = [self.image_inputs(batch, number) for number in numbers]

@@ -166,7 +166,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
     def _aimkp_family(model: Any) -> ModelFamily:
         """The model's family from the table. A run through ``llamafactory-cli`` never gets here with an unknown model
         type (it stops before the model loads); a trainer built otherwise gets the 1-D fallback, with a warning."""
-        family = family_for(getattr(model.config, "model_type", None))
+        family = family_for(model.config)
         if isinstance(family, GenericFamily):
             logger.warning(
                 f"aimkp-plugin: no image grid layout is known for model_type {family.name}; image copies use the "
@@ -209,7 +209,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         optimizer = super().create_optimizer(*args, **kwargs)
         if fresh and self.aimkp_projector_lr is not None:
             core = self.accelerator.unwrap_model(self.model)
-            projector = family_for(getattr(core.config, "model_type", None)).projector
+            projector = family_for(core.config).projector
             in_projector = {id(p) for name, p in core.named_parameters() if f".{projector}." in f".{name}"}
             moved_groups = []
             for group in optimizer.param_groups:

@@ -51,7 +51,7 @@ class TinyModelSpec:
     """What a tiny model looks like; its hash keys the build cache."""
 
     name: str
-    family: str  # the model_type of the family that builds it (aimkp_plugin.families)
+    family: str  # the name of the family that builds it (aimkp_plugin.families)
     template: str  # the LLaMA-Factory template to train it with
     vocab_size: int = 1024
     hidden_size: int = 64

@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from ..families import FAMILIES, FAMILY_TABLE
+from ..families import FAMILIES, FAMILY_BY_NAME
 from .building import TinyModelSpec
 
 
@@ -56,7 +56,7 @@ def build_tiny_model(name: str, out: str | os.PathLike[str], force: bool = False
     out.mkdir(parents=True, exist_ok=True)
     (out / BUILD_MARKER).unlink(missing_ok=True)
     torch.manual_seed(spec.seed)
-    FAMILY_TABLE[spec.family].build_tiny(spec, out)
+    FAMILY_BY_NAME[spec.family].build_tiny(spec, out)
     marker = {"fingerprint": spec.fingerprint(), "spec": asdict(spec), "template": spec.template}
     (out / BUILD_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out
