@@ -15,6 +15,7 @@ from .glm4v import Glm4vFamily
 from .internvl import InternVLFamily
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
+from .paligemma import PaliGemmaFamily
 from .qwen2_vl import Qwen25VLFamily, QwenVLFamily
 from .qwen3_5 import Qwen35Family
 from .qwen3_vl import Qwen3VLFamily
@@ -33,6 +34,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     Gemma4Family(),
     Glm4vFamily(),
     LlavaNextFamily(),
+    PaliGemmaFamily(),
 )
 FAMILY_TABLE: dict[str, ModelFamily] = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
