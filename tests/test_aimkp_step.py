@@ -630,3 +630,32 @@ def test_paligemma_prefix_other_than_the_image_block_is_refused(
         family.reference_mask_builder(model)(prompt_prefix, [], torch.bool)
     with pytest.raises(PrefixLayoutError, match="marks other tokens"):
         family.encode_images(model, [prompt_prefix])
+
+
+@pytest.mark.parametrize("template", ["paligemma", "paligemma_chat"])
+def test_paligemma_image_comes_first_and_the_text_span_is_the_post_text(
+    template: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """Both PaliGemma templates put the image's 16 tokens first, then ``<bos>``; the text span is exactly the post
+    text, also where ``paligemma_chat`` puts its turn header (``<start_of_turn>user\\n``) between image and text."""
+    from transformers import AutoConfig
+
+    batch, tokenizer = llamafactory_batch(tiny_models["paligemma"], template, cmkp_workspace, tmp_path, size=2)
+    posts = [post for _, post in iter_records(cmkp_workspace / "raw" / "test_src.txt")][:2]
+    config = AutoConfig.from_pretrained(tiny_models["paligemma"])
+    for sample, post in zip(BatchSplitter(config, tokenizer).split(batch, [0, 1]), posts, strict=True):
+        ids = sample.model_inputs["input_ids"][0]
+        assert sample.spans.image_positions == list(range(16)) and int(ids[16]) == tokenizer.bos_token_id
+        assert ids[sample.spans.text].tolist() == tokenizer.encode(post.text, add_special_tokens=False)
+        assert sample.spans.instruction_found
+
+
+def test_paligemma_runs_need_a_paligemma_template() -> None:
+    """Only LLaMA-Factory's PaliGemma templates put the image before ``<bos>`` and mark the prefix (token_type_ids,
+    which PaliGemma requires in training); another template stops before the model loads, naming the fix."""
+    family = family_for("paligemma")
+    for template in ("paligemma", "paligemma_chat"):
+        assert family.run_problems({}, {"template": template}.get) == []
+    [problem] = family.run_problems({}, {"template": "gemma3"}.get)
+    assert problem.startswith("template: gemma3 does not lay out PaliGemma's images")
+    assert "Set template: paligemma" in problem

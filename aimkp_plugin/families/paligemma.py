@@ -2,7 +2,9 @@
 
 - Layout (LLaMA-Factory's ``paligemma`` plugin, as ``PaliGemmaProcessor``): every image's ``image_seq_length``
   ``<image>`` tokens come first, before ``<bos>`` and the prompt: ``[<image>·N][<bos>] post text \\n instruction
-  \\n answer``. Nothing sits between or around the image tokens, so every image token is a grid cell.
+  \\n answer`` (``paligemma_chat`` wraps the prompt in ``<start_of_turn>user\\n`` … ``<start_of_turn>model\\n``, so
+  that header sits between the image and the post text: the text span skips it, :attr:`text_headers`). Nothing sits
+  between or around the image tokens, so every image token is a grid cell.
 - Grid: ``image_seq_length`` = (image_size / patch)² tokens per image, the SigLIP patch grid row-major (16×16 = 256 at
   224 px / patch 14, 32×32 at 448 px, 64×64 at 896 px), projected one by one (no pooling, no merge). Several images
   form one contiguous block, cut into one grid per image.
@@ -70,6 +72,7 @@ class PaliGemmaFamily(LlavaStyleFamily):
         positions="1-D (0..L-1); causality and sliding windows counted in original positions",
     )
     per_token_keys = ("token_type_ids",)  # read only to check that the prefix is the image block
+    text_headers = ("user\n",)  # paligemma_chat: <bos><start_of_turn>user\n after the image, before the post text
     custom_attention = True
     tiny_models = (
         # 56 px / patch 14 -> a 4x4 grid of 16 image tokens; a Gemma 2 text model (PaliGemma 2)

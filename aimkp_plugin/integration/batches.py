@@ -60,6 +60,7 @@ class BatchSplitter:
         self.special_ids.discard(self.image_token_id)
         self.warned_instruction = False
         self.instructions = self.instruction_patterns()
+        self.headers = [self.tokenizer.encode(text, add_special_tokens=False) for text in self.family.text_headers]
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one splitter per training run
     def is_whitespace(self, token_id: int) -> bool:
@@ -166,6 +167,7 @@ class BatchSplitter:
             self.special_ids,
             self.instructions,
             self.is_whitespace,
+            self.headers,
         )
         if blocks and not text.instruction_found and not self.warned_instruction:
             self.warned_instruction = True
