@@ -335,7 +335,8 @@ def kept_positions(length: int, hidden: list[int]) -> torch.Tensor:
 def norms_in_input_dtype(model: torch.nn.Module) -> torch.nn.Module:
     """Gemma's RMSNorms compute in float32 whatever the model's dtype; for float64 comparisons of two computations
     that differ in rounding (a deleted sequence against a masked one), compute them in the input's dtype instead,
-    by the same formula (Gemma 3: ``x̂ · (1 + w)``; Gemma 4: ``x̂ · w``, or ``x̂`` without a scale)."""
+    by the same formula (Gemma, Gemma 2 and Gemma 3: ``x̂ · (1 + w)``; Gemma 4: ``x̂ · w``, or ``x̂`` without a
+    scale)."""
 
     def gemma3(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x) * (1.0 + self.weight)
@@ -343,7 +344,7 @@ def norms_in_input_dtype(model: torch.nn.Module) -> torch.nn.Module:
     def gemma4(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x) * self.weight if self.with_scale else self._norm(x)
 
-    rules = {"Gemma3RMSNorm": gemma3, "Gemma4RMSNorm": gemma4}
+    rules = {"Gemma3RMSNorm": gemma3, "Gemma4RMSNorm": gemma4, "GemmaRMSNorm": gemma3, "Gemma2RMSNorm": gemma3}
     for module in model.modules():
         rule = rules.get(type(module).__name__)
         if rule is not None:
@@ -382,4 +383,31 @@ def qwen3_5_moe_model(tiny_qwen3_5: Path, out: Path) -> Path:
             if name.endswith("mlp.gate.weight"):
                 parameter.normal_(0.0, 0.5)
     model.save_pretrained(out)
+    return out
+
+
+def paligemma_gemma_model(tiny_paligemma: Path, out: Path) -> Path:
+    """A tiny PaliGemma (1) next to the tiny PaliGemma 2: the same tokenizer, processor, vision tower and widths, with
+    a Gemma text model instead of Gemma 2 (no layer types: one attention mask for every layer)."""
+    from transformers import AutoConfig, GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    if (out / "model.safetensors").is_file():
+        return out
+    shutil.copytree(tiny_paligemma, out, ignore=shutil.ignore_patterns("model.safetensors", "config.json"))
+    config = AutoConfig.from_pretrained(tiny_paligemma)
+    text = config.text_config
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    names += ("num_key_value_heads", "head_dim", "pad_token_id", "eos_token_id", "bos_token_id")
+    gemma = GemmaConfig(**{name: getattr(text, name) for name in names}, tie_word_embeddings=False)
+    paligemma = PaliGemmaConfig(
+        text_config=gemma,
+        vision_config=config.vision_config,
+        image_token_index=config.image_token_index,
+        vocab_size=config.vocab_size,
+        projection_dim=config.projection_dim,
+        hidden_size=config.hidden_size,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(6)
+    PaliGemmaForConditionalGeneration(paligemma).save_pretrained(out)
     return out

@@ -11,6 +11,7 @@ Cosines, keep decisions, the final ``.grad`` of every trainable parameter and th
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,14 @@ from aimkp_plugin.method.state import CurriculumState, ModalityState, next_modal
 from aimkp_plugin.method.step import reference_sample_step
 from aimkp_plugin.method.types import StepConfig
 
-from .helpers import FAMILY_INPUTS, deleting, kept_positions, llamafactory_batch, norms_in_input_dtype
+from .helpers import (
+    FAMILY_INPUTS,
+    deleting,
+    kept_positions,
+    llamafactory_batch,
+    norms_in_input_dtype,
+    paligemma_gemma_model,
+)
 
 
 STRIDES = [  # (text, image) per sample: both masked; frozen image at 4 with text 3; text off, image 8
@@ -73,6 +81,9 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
         return {"pixel_values": batch["pixel_values"][row : row + 1].double()}, [image], [(side, side)], 1
     if family == "gemma3":
         side = math.isqrt(config.mm_tokens_per_image)
+        return {"pixel_values": batch["pixel_values"][row : row + 1].double()}, [image], [(side, side)], 1
+    if family == "paligemma":  # the SigLIP patch grid, before <bos>; token_type_ids carry the bidirectional block
+        side = config.vision_config.image_size // config.vision_config.patch_size
         return {"pixel_values": batch["pixel_values"][row : row + 1].double()}, [image], [(side, side)], 1
     if family == "gemma4":  # the patches' (x, y), pooled k×k into tokens; the block's token types for the model
         positions = batch["image_position_ids"][row]
@@ -175,7 +186,7 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         pixel_offset += used
         layouts.append((len(grids), grid))
         inputs = {"input_ids": ids[None], "labels": batch["labels"][row][visible][None], **extra}
-        if "token_type_ids" in batch:  # Gemma 3 builds its bidirectional image blocks from them
+        if "token_type_ids" in batch:  # Gemma 3 and PaliGemma build their bidirectional image blocks from them
             inputs["token_type_ids"] = batch["token_type_ids"][row][visible][None]
         encoded = tokenizer.encode(post.text, add_special_tokens=False)
         start = next(i for i in range(len(ids)) if ids[i : i + len(encoded)].tolist() == encoded)
@@ -539,3 +550,122 @@ def test_gemma3_hidden_image_token_is_invisible_inside_the_bidirectional_block(
     last_kept = max(position for position in image if position not in hidden)
     earlier_kept = min(position for position in image if position not in hidden)
     assert (logits_with(last_kept)[earlier_kept] - base[earlier_kept]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("text_model", ["gemma2", "gemma"])
+def test_paligemma_hidden_tokens_are_invisible_both_ways_in_the_prefix(
+    text_model: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """PaliGemma's image block is its bidirectional prefix (token_type_ids 0, as LLaMA-Factory marks it). In a copy,
+    a hidden image token (its feature changed) moves no kept token's logits: neither the kept image tokens before it,
+    which see the whole block, nor those after it, nor the text; a hidden text token (its id changed) moves none
+    either. A kept image token still reaches the kept image tokens before it, and a kept text token the tokens after
+    it. Both copies equal the model run on the sequence with the hidden tokens deleted (its own masks, from the
+    token_type_ids), for PaliGemma 2 (Gemma 2: a mask per layer type) and PaliGemma (Gemma: one mask)."""
+    from aimkp_plugin.method.variants import hidden_for
+
+    path = tiny_models["paligemma"]
+    if text_model == "gemma":
+        path = paligemma_gemma_model(path, tmp_path / "gemma")
+    batch, tokenizer = llamafactory_batch(path, "paligemma", cmkp_workspace, tmp_path, size=1)
+    model = load_model(path, "sdpa").eval()
+    batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
+    sample = BatchSplitter(model.config, tokenizer).split(batch, [0])[0]
+    ids = sample.model_inputs["input_ids"]
+    length = ids.shape[1]
+
+    def copy_with(hidden: list[int], feature_at: int | None = None, id_at: int | None = None) -> torch.Tensor:
+        changed = sample
+        if id_at is not None:  # another text token's id at id_at
+            other = ids.clone()
+            other[0, id_at] = ids[0, sample.spans.text[0]] if ids[0, id_at] != ids[0, sample.spans.text[0]] else 5
+            changed = replace(sample, model_inputs={**sample.model_inputs, "input_ids": other})
+
+        def perturb(module, args, kwargs):
+            embeds = kwargs["inputs_embeds"].clone()
+            embeds[:, feature_at] += 3.0
+            return args, {**kwargs, "inputs_embeds": embeds}
+
+        handle = model.model.language_model.register_forward_pre_hook(perturb, with_kwargs=True)
+        if feature_at is None:
+            handle.remove()
+        try:
+            return plugin_copy_logits(model, changed, hidden)
+        finally:
+            handle.remove()
+
+    inputs = {key: value for key, value in sample.model_inputs.items() if key != "labels"}
+    inputs["position_ids"] = torch.arange(length)[None]
+    for modality in ("image", "text"):
+        hidden = hidden_for(sample.spans, modality, 2)
+        kept = [position for position in range(length) if position not in hidden]
+        with torch.no_grad(), deleting(model, kept_positions(length, hidden)):
+            deleted = model(**inputs, use_cache=False).logits[0]
+        base = copy_with(hidden)
+        torch.testing.assert_close(base, deleted, rtol=0, atol=1e-10)
+        span = sample.spans.image_positions if modality == "image" else sample.spans.text
+        kept_in_span = [position for position in span if position not in hidden]
+        first_kept, last_kept = kept_in_span[0], kept_in_span[-1]
+        before = hidden[0]  # before every kept token of the span
+        after = next(position for position in hidden if first_kept < position < last_kept)  # between kept ones
+        assert before < first_kept
+        for position in (before, after):
+            moved = (
+                copy_with(hidden, feature_at=position) if modality == "image" else copy_with(hidden, id_at=position)
+            )
+            torch.testing.assert_close(moved, base, rtol=0, atol=1e-10, msg=f"{modality} {position}")
+        if modality == "image":  # the kept block stays bidirectional: the last kept image token reaches the first
+            moved = copy_with(hidden, feature_at=last_kept)
+            assert (moved[kept.index(first_kept)] - base[kept.index(first_kept)]).abs().max() > 1e-6
+        else:  # a kept text token is seen causally, by the tokens after it only
+            moved = copy_with(hidden, id_at=first_kept)
+            earlier = kept.index(first_kept)
+            torch.testing.assert_close(moved[:earlier], base[:earlier], rtol=0, atol=1e-10)
+            assert (moved[kept.index(last_kept)] - base[kept.index(last_kept)]).abs().max() > 1e-6
+
+
+def test_paligemma_prefix_other_than_the_image_block_is_refused(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """token_type_ids that put the prompt in PaliGemma's bidirectional prefix (the processor's convention, not
+    LLaMA-Factory's) stop both steps with the reason, instead of masking another attention pattern."""
+    from aimkp_plugin.families.paligemma import PrefixLayoutError
+
+    model, sample = split_sample("paligemma", tiny_models, cmkp_workspace, tmp_path)
+    family = family_for("paligemma")
+    token_types = sample.model_inputs["token_type_ids"].clone()
+    token_types[0, : sample.spans.text[-1] + 1] = 0
+    prompt_prefix = replace(sample, model_inputs={**sample.model_inputs, "token_type_ids": token_types})
+    with pytest.raises(PrefixLayoutError, match="must be exactly the image tokens"):
+        family.reference_mask_builder(model)(prompt_prefix, [], torch.bool)
+    with pytest.raises(PrefixLayoutError, match="marks other tokens"):
+        family.encode_images(model, [prompt_prefix])
+
+
+@pytest.mark.parametrize("template", ["paligemma", "paligemma_chat"])
+def test_paligemma_image_comes_first_and_the_text_span_is_the_post_text(
+    template: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """Both PaliGemma templates put the image's 16 tokens first, then ``<bos>``; the text span is exactly the post
+    text, also where ``paligemma_chat`` puts its turn header (``<start_of_turn>user\\n``) between image and text."""
+    from transformers import AutoConfig
+
+    batch, tokenizer = llamafactory_batch(tiny_models["paligemma"], template, cmkp_workspace, tmp_path, size=2)
+    posts = [post for _, post in iter_records(cmkp_workspace / "raw" / "test_src.txt")][:2]
+    config = AutoConfig.from_pretrained(tiny_models["paligemma"])
+    for sample, post in zip(BatchSplitter(config, tokenizer).split(batch, [0, 1]), posts, strict=True):
+        ids = sample.model_inputs["input_ids"][0]
+        assert sample.spans.image_positions == list(range(16)) and int(ids[16]) == tokenizer.bos_token_id
+        assert ids[sample.spans.text].tolist() == tokenizer.encode(post.text, add_special_tokens=False)
+        assert sample.spans.instruction_found
+
+
+def test_paligemma_runs_need_a_paligemma_template() -> None:
+    """Only LLaMA-Factory's PaliGemma templates put the image before ``<bos>`` and mark the prefix (token_type_ids,
+    which PaliGemma requires in training); another template stops before the model loads, naming the fix."""
+    family = family_for("paligemma")
+    for template in ("paligemma", "paligemma_chat"):
+        assert family.run_problems({}, {"template": template}.get) == []
+    [problem] = family.run_problems({}, {"template": "gemma3"}.get)
+    assert problem.startswith("template: gemma3 does not lay out PaliGemma's images")
+    assert "Set template: paligemma" in problem

@@ -38,6 +38,7 @@ from .helpers import (
     images_of,
     llamafactory_batch,
     norms_in_input_dtype,
+    paligemma_gemma_model,
     qwen3_5_moe_model,
     read_state,
     run_llamafactory,
@@ -141,6 +142,8 @@ def summary(outcomes) -> list:
         "mistral3-vision",
         "qwen3_5-moe",
         "gemma3-window",
+        "paligemma-window",
+        "paligemma-gemma",
     ],
 )
 def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory):
@@ -149,12 +152,14 @@ def case(request, tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pyt
     path = tiny_models[family]
     if request.param == "qwen3_5-moe":  # Qwen3.5's MoE sizes: the qwen3_5 family's second model type
         path = qwen3_5_moe_model(path, tmp_path_factory.mktemp("qwen3_5_moe") / "model")
+    if request.param == "paligemma-gemma":  # PaliGemma (1): a Gemma text model, one mask for every layer
+        path = paligemma_gemma_model(path, tmp_path_factory.mktemp("paligemma_gemma") / "model")
     batch, tokenizer = llamafactory_batch(
         path, template, cmkp_workspace, tmp_path_factory.mktemp(family), size=BATCH, images=images
     )
     batch = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
     model = lora_model(path, family, checkpointing="checkpointing" in request.param, vision="vision" in request.param)
-    if "window" in request.param:  # Gemma 3's sliding layers see 8 positions back: shorter than every sequence
+    if "window" in request.param:  # Gemma 2's and 3's sliding layers see 8 positions back: shorter than any sequence
         model.config.get_text_config().sliding_window = 8
     samples = BatchSplitter(model.config, tokenizer).split(batch, list(range(BATCH)))
     tokens = float(sum(sample.num_answer_tokens for sample in samples))

@@ -31,6 +31,7 @@ def test_all_expected_recipes_exist() -> None:
         "llava_next",
         "mistral3",
         "pixtral",
+        "paligemma",
     )
     for family in families:
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names

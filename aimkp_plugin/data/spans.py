@@ -3,7 +3,8 @@
 - Image tokens: the positions holding the model's image token id before the answer, in contiguous blocks (one per
   image); runs parted only by a family's break tokens (Pixtral's ``[IMG_BREAK]`` after each row) are one block, the
   break tokens not in it. What grid a block forms is the model family's business (``aimkp_plugin.families``).
-- Text: the tokens after the last image block (and the special tokens closing the image) up to the instruction,
+- Text: the tokens after the last image block (the special tokens closing the image, and a chat turn's header
+  where the image comes before the turn, as in PaliGemma's chat template) up to the instruction,
   found by its token ids; whitespace-only tokens at either end (the newline before the instruction, Gemma 3's blank
   line after the image) are left out. If the
   instruction cannot be found, the span runs to the next special token or the first answer token (and the caller is
@@ -73,12 +74,15 @@ def find_text_span(
     skip_after_image: set[int],
     instructions: Sequence[Sequence[int]],
     is_whitespace: Callable[[int], bool],
+    headers: Sequence[Sequence[int]] = (),
 ) -> TextSpan:
     """Locate the post text of one unpadded sample, anchored after ``last_image_token`` (None: no image, no span).
 
     ``skip_after_image`` are special token ids (e.g. ``<|vision_end|>`` closing the image, ``<|im_end|>`` closing the
     user turn); ``instructions`` are the candidate token-id sequences of the instruction, tried in order;
-    ``is_whitespace`` tells whether a token decodes to whitespace only.
+    ``is_whitespace`` tells whether a token decodes to whitespace only; ``headers`` are token-id sequences of a chat
+    turn's header that may follow those special tokens (PaliGemma's ``user\n`` after ``<start_of_turn>``), skipped
+    once, the first that matches.
     """
     if last_image_token is None:  # the text is anchored on the image; without one its start is unknown
         return TextSpan([], False)
@@ -86,6 +90,8 @@ def find_text_span(
     start = last_image_token + 1
     while start < answer_start and ids[start] in skip_after_image:
         start += 1
+    header = next((len(h) for h in headers if h and ids[start : start + len(h)] == list(h)), 0)
+    start = min(start + header, answer_start)
     end, found = answer_start, False
     for pattern in instructions:
         index = find_subsequence(ids, pattern, start, answer_start)

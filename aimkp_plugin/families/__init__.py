@@ -28,6 +28,7 @@ from .internvl import InternVLFamily
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .mistral3 import Mistral3Family
+from .paligemma import PaliGemmaFamily
 from .pixtral import PixtralFamily
 from .qwen2_vl import Qwen25VLFamily, QwenVLFamily
 from .qwen3_5 import Qwen35Family
@@ -49,6 +50,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     LlavaNextFamily(),
     Mistral3Family(),
     PixtralFamily(),
+    PaliGemmaFamily(),
 )
 # model_type -> the family of every config of that type not claimed below
 FAMILY_TABLE: dict[str, ModelFamily] = {

@@ -72,6 +72,8 @@ class ModelFamily:
     per_token_keys: ClassVar[tuple[str, ...]] = ()  # batch keys shaped like input_ids (e.g. token_type_ids)
     # tokens that sit between one image's image tokens (Pixtral's row break): never image tokens, never masked
     image_break_tokens: ClassVar[tuple[str, ...]] = ()
+    # chat-turn headers that a template puts between the image and the post text (the image before the turn)
+    text_headers: ClassVar[tuple[str, ...]] = ()
     custom_attention: ClassVar[bool] = False  # True: attention is not plain causal (reference_attention_mask)
     # True: the model mixes tokens outside attention (linear attention, convolutions), where a masked token still
     # moves the state; a copy then runs with its hidden tokens removed from the sequence (language_inputs_kept)

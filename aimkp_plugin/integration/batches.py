@@ -61,6 +61,7 @@ class BatchSplitter:
         self.break_ids = frozenset(self.token_id(token) for token in self.family.image_break_tokens)
         self.warned_instruction = False
         self.instructions = self.instruction_patterns()
+        self.headers = [self.tokenizer.encode(text, add_special_tokens=False) for text in self.family.text_headers]
 
     def token_id(self, token: str) -> int:
         """The id of one of the family's special tokens; an error when the tokenizer lacks it."""
@@ -174,6 +175,7 @@ class BatchSplitter:
             self.special_ids,
             self.instructions,
             self.is_whitespace,
+            self.headers,
         )
         if blocks and not text.instruction_found and not self.warned_instruction:
             self.warned_instruction = True
