@@ -70,9 +70,12 @@ def image_processor_settings(model_name_or_path: str) -> dict[str, Any]:
             except (OSError, ValueError):  # not on the Hub, offline without a cache, not a repository id
                 found = None
             path = Path(found) if found else None
-        if path is not None:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            settings.update(loaded.get("image_processor", loaded))
+        if path is None:
+            continue
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        image_processor = loaded.get("image_processor") if name == "processor_config.json" else loaded
+        if image_processor is not None:
+            settings.update(image_processor)
             break
     return settings
 
