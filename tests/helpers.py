@@ -262,10 +262,20 @@ def assert_same_adapter(first: Path, second: Path, rtol: float = 1e-5) -> None:
 
 FAMILY_NAMES: tuple[str, ...] = tuple(family.name for family in FAMILIES)  # also each family's first tiny model
 FAMILY_BY_NAME: dict[str, ModelFamily] = {family.name: family for family in FAMILIES}
-# families whose tests read wide pictures: non-square merged grids (Qwen3 generation, GLM-4V), tiles (InternVL),
-# unpadded anyres areas (LLaVA-NeXT), non-square grids with row breaks (Mistral 3, an odd patch row merged away;
-# Pixtral)
-WIDE_PICTURES = {"qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v", "internvl", "llava_next", "mistral3", "pixtral"}
+# families whose tests read wide pictures: non-square merged grids (Qwen3 generation, GLM-4V, LFM2-VL), tiles
+# (InternVL), unpadded anyres areas (LLaVA-NeXT), non-square grids with row breaks (Mistral 3, an odd patch row
+# merged away; Pixtral)
+WIDE_PICTURES = {
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "qwen3_5",
+    "glm4v",
+    "internvl",
+    "llava_next",
+    "mistral3",
+    "pixtral",
+    "lfm2_vl",
+}
 
 
 def template_of(family: str) -> str:

@@ -131,6 +131,16 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
         inputs = {"pixel_values": batch["pixel_values"][pixel_offset : pixel_offset + tiles].double()}
         grids = [image[tile * per_tile : (tile + 1) * per_tile] for tile in range(tiles)]
         return inputs, grids, [(side, side)] * tiles, tiles
+    if family == "lfm2_vl":  # the real patches' (h, w), pixel-unshuffled f×f into tokens; one pixel row per image
+        height, width = batch["spatial_shapes"][pixel_offset].tolist()
+        assert int(batch["pixel_attention_mask"][pixel_offset].sum()) == height * width
+        factor = config.downsample_factor
+        inputs = {
+            key: batch[key][pixel_offset : pixel_offset + 1]
+            for key in ("pixel_values", "spatial_shapes", "pixel_attention_mask")
+        }
+        inputs["pixel_values"] = inputs["pixel_values"].double()
+        return inputs, [image], [(height // factor, width // factor)], 1
     merge = config.vision_config.spatial_merge_size
     thw = batch["image_grid_thw"][row : row + 1]
     patches = int(thw.prod())
@@ -204,7 +214,7 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         }
         truth.append((gradients, n_tokens, cosines))
 
-    if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "mistral3", "pixtral"):
+    if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "mistral3", "pixtral", "lfm2_vl"):
         assert all(rows != cols for _, [(rows, cols)] in layouts), layouts  # non-square merged grids
     if family == "internvl":
         assert all(tiles > 1 for tiles, _ in layouts), layouts  # tiles plus a thumbnail

@@ -53,8 +53,10 @@ STRIDES = [  # (text, image) per sample: both masked; frozen image; text only; i
     (ModalityState(4), ModalityState(1)),
     (ModalityState(1), ModalityState(8)),
 ]
-# attention, MLP, and Qwen3.5's Gated DeltaNet projections
-LANGUAGE_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj_\w+|out_proj)"
+# attention, MLP, Qwen3.5's Gated DeltaNet projections, LFM2's short-convolution projections and MLP (w1, w2, w3)
+LANGUAGE_LINEAR = (
+    r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|in_proj\w*|out_proj|w1|w2|w3)"
+)
 
 
 def lora_model(
@@ -136,6 +138,8 @@ def summary(outcomes) -> list:
         *FAMILY_INPUTS,
         "llava-checkpointing",
         "qwen3_5-checkpointing",
+        "lfm2_vl-checkpointing",
+        "lfm2_vl-vision",
         "llava-vision",
         "llava-vision-checkpointing",
         "qwen3_vl-vision",

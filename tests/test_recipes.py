@@ -32,6 +32,7 @@ def test_all_expected_recipes_exist() -> None:
         "mistral3",
         "pixtral",
         "paligemma",
+        "lfm2_vl",
     )
     for family in families:
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names

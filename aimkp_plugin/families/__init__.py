@@ -25,6 +25,7 @@ from .gemma3 import Gemma3Family
 from .gemma4 import Gemma4Family
 from .glm4v import Glm4vFamily
 from .internvl import InternVLFamily
+from .lfm2_vl import Lfm2VlFamily
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .mistral3 import Mistral3Family
@@ -51,6 +52,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     Mistral3Family(),
     PixtralFamily(),
     PaliGemmaFamily(),
+    Lfm2VlFamily(),
 )
 # model_type -> the family of every config of that type not claimed below
 FAMILY_TABLE: dict[str, ModelFamily] = {

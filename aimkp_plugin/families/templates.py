@@ -140,7 +140,6 @@ OTHER_TEMPLATES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "glm_ocr": _no_family(("glm_ocr",), "glm4v", "GLM-OCR derives from GLM-4V's code with its own vision attention"),
     "llama4": _no_family(("llama4",), "internvl", "Llama 4 lays images out as tiles plus a global view"),
     "mllama": _no_family(("mllama",), "llava", "Llama 3.2 Vision reads images through cross-attention layers"),
-    "lfm2_vl": _no_family(("lfm2_vl",), "qwen3_5", "LFM2's short convolutions mix tokens outside attention"),
     # a template of a family that the family cannot train exactly
     "gemma4n": _refused(
         ("gemma4",),
