@@ -29,6 +29,7 @@ def test_all_expected_recipes_exist() -> None:
         "internvl",
         "gemma3",
         "llava_next",
+        "llama4",
     )
     for family in families:
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names

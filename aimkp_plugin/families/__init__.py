@@ -13,6 +13,7 @@ from .gemma3 import Gemma3Family
 from .gemma4 import Gemma4Family
 from .glm4v import Glm4vFamily
 from .internvl import InternVLFamily
+from .llama4 import Llama4Family
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .qwen2_vl import Qwen25VLFamily, QwenVLFamily
@@ -33,6 +34,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     Gemma4Family(),
     Glm4vFamily(),
     LlavaNextFamily(),
+    Llama4Family(),
 )
 FAMILY_TABLE: dict[str, ModelFamily] = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
