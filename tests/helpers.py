@@ -294,14 +294,41 @@ def images_of(family: str) -> str:
 FAMILY_INPUTS = {family: (template_of(family), images_of(family)) for family in FAMILY_NAMES}
 
 
+def language_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack that receives ``inputs_embeds``: ``model.model.language_model``, or Llama 4's text model
+    (``language_model.model``: Llama 4 has no ``model.model``)."""
+    return model.model.language_model if hasattr(model, "model") else model.language_model.model
+
+
+def own_masks(module: torch.nn.Module, kwargs: dict) -> dict | None:
+    """The masks a text model that builds its own per layer type (Llama 4: causal for the NoPE layers, chunked for the
+    others, by token index) would build over the whole sequence, with transformers' own functions; None for the other
+    models (their masks reach the language model built, or are plain causal)."""
+    if type(module).__name__ != "Llama4TextModel" or isinstance(kwargs.get("attention_mask"), dict):
+        return None
+    from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
+
+    arguments = {
+        "config": module.config,
+        "inputs_embeds": kwargs["inputs_embeds"],
+        "attention_mask": kwargs.get("attention_mask"),
+        "past_key_values": None,
+        "position_ids": kwargs["position_ids"],
+    }
+    return {
+        "full_attention": create_causal_mask(**arguments),
+        "chunked_attention": create_chunked_causal_mask(**arguments),
+    }
+
+
 @contextmanager
 def deleting(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
     """While active, ``model``'s language model runs on the positions ``keep`` only: the sequence with every other
     token deleted (after the model has put the image features in place), each kept token at its original position
-    ids, the model's own masks (causal, Gemma 3's image blocks and sliding windows, built over the whole sequence in
-    original positions) restricted to the kept tokens (a 2-D mask of ones where the model passes none), and
-    Qwen3-VL's DeepStack features of the kept image tokens. Written apart from the plugin's own removal
-    (``aimkp_plugin.method.step.TokenRemoval``)."""
+    ids, the model's own masks (causal, Gemma 3's image blocks and sliding windows, Llama 4's attention chunks, built
+    over the whole sequence in original positions) restricted to the kept tokens (a 2-D mask of ones where the model
+    passes none), and Qwen3-VL's DeepStack features of the kept image tokens. Written apart from the plugin's own
+    removal (``aimkp_plugin.method.step.TokenRemoval``)."""
 
     def restrict(mask: torch.Tensor | None) -> torch.Tensor | None:
         if mask is None:
@@ -311,10 +338,11 @@ def deleting(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         assert not args, "the language model is called with keyword arguments"
         kwargs = dict(kwargs)
-        kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, keep]
         assert kwargs.get("position_ids") is not None, "pass the original position ids: deleting would renumber them"
+        mask = own_masks(module, kwargs)
+        mask = kwargs.get("attention_mask") if mask is None else mask
+        kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, keep]
         kwargs["position_ids"] = kwargs["position_ids"][..., keep]
-        mask = kwargs.get("attention_mask")
         if isinstance(mask, dict):
             kwargs["attention_mask"] = {name: restrict(value) for name, value in mask.items()}
         elif mask is None:  # ones, or without a cache transformers reads the position jumps as packed sequences
@@ -329,7 +357,7 @@ def deleting(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
             kwargs["deepstack_visual_embeds"] = [rows[kept_images] for rows in kwargs["deepstack_visual_embeds"]]
         return args, kwargs
 
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = language_model_of(model).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
@@ -346,7 +374,9 @@ def norms_in_input_dtype(model: torch.nn.Module) -> torch.nn.Module:
     """Gemma's RMSNorms compute in float32 whatever the model's dtype; for float64 comparisons of two computations
     that differ in rounding (a deleted sequence against a masked one), compute them in the input's dtype instead,
     by the same formula (Gemma, Gemma 2 and Gemma 3: ``x̂ · (1 + w)``; Gemma 4: ``x̂ · w``, or ``x̂`` without a
-    scale)."""
+    scale). Likewise Llama 4's rotary embedding: its angles come as complex64, and the rotation of the
+    float32-rounded queries and keys by them in complex64 rounds differently with the tensors' layout (a packed shared
+    prefix against the rows apart: 1e-7); the same angles as complex128 make that product exact for float64 inputs."""
 
     def gemma3(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x) * (1.0 + self.weight)
@@ -354,7 +384,17 @@ def norms_in_input_dtype(model: torch.nn.Module) -> torch.nn.Module:
     def gemma4(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x) * self.weight if self.with_scale else self._norm(x)
 
-    rules = {"Gemma3RMSNorm": gemma3, "Gemma4RMSNorm": gemma4, "GemmaRMSNorm": gemma3, "Gemma2RMSNorm": gemma3}
+    def llama4_rotary(self: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        angles = type(self).forward(self, x, position_ids)
+        return angles.to(torch.complex128) if x.dtype == torch.float64 else angles
+
+    rules = {
+        "Gemma3RMSNorm": gemma3,
+        "Gemma4RMSNorm": gemma4,
+        "GemmaRMSNorm": gemma3,
+        "Gemma2RMSNorm": gemma3,
+        "Llama4TextRotaryEmbedding": llama4_rotary,
+    }
     for module in model.modules():
         rule = rules.get(type(module).__name__)
         if rule is not None:

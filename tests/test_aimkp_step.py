@@ -28,6 +28,7 @@ from .helpers import (
     FAMILY_INPUTS,
     deleting,
     kept_positions,
+    language_model_of,
     llamafactory_batch,
     norms_in_input_dtype,
     paligemma_gemma_model,
@@ -124,6 +125,17 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
             "image_sizes": batch["image_sizes"][row : row + 1],
         }
         return inputs, [image], [(rows, cols)], 1
+    if family == "llama4":  # tiles then the global view, each a run of <|patch|> tokens between separators
+        vision = config.vision_config
+        side = int(vision.image_size // vision.patch_size * vision.pixel_shuffle_ratio)
+        per_tile = side * side
+        tiles = len(image) // per_tile
+        grids = [image[tile * per_tile : (tile + 1) * per_tile] for tile in range(tiles)]
+        assert all(grid[-1] - grid[0] == per_tile - 1 for grid in grids)  # each tile contiguous
+        gaps = [after[0] - before[-1] - 1 for before, after in zip(grids, grids[1:], strict=False)]
+        assert gaps == [1] * (tiles - 2) + [2]  # a separator between tiles; a separator and <|image|> before the view
+        inputs = {"pixel_values": batch["pixel_values"][pixel_offset : pixel_offset + tiles].double()}
+        return inputs, grids, [(side, side)] * tiles, tiles
     if family == "internvl":
         per_tile = config.image_seq_length  # each tile: a square grid of tokens after the pixel shuffle
         tiles = len(image) // per_tile
@@ -216,8 +228,8 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
 
     if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "mistral3", "pixtral", "lfm2_vl"):
         assert all(rows != cols for _, [(rows, cols)] in layouts), layouts  # non-square merged grids
-    if family == "internvl":
-        assert all(tiles > 1 for tiles, _ in layouts), layouts  # tiles plus a thumbnail
+    if family in ("internvl", "llama4"):
+        assert all(tiles > 1 for tiles, _ in layouts), layouts  # tiles plus a thumbnail (global view)
     if family == "llava_next":  # unpadded: the high-resolution area is not the stitched tiles' full square
         assert all(shapes[1][0] != shapes[1][1] for _, shapes in layouts), layouts
 
@@ -400,7 +412,7 @@ def test_hidden_tokens_do_not_influence_the_kept_tokens(
                     embeds[:, position] += 3.0
                     return args, {**kwargs, "inputs_embeds": embeds}
 
-                handle = model.model.language_model.register_forward_pre_hook(perturb, with_kwargs=True)
+                handle = language_model_of(model).register_forward_pre_hook(perturb, with_kwargs=True)
             try:
                 logits.append(plugin_copy_logits(model, sample, hidden))
             finally:
@@ -543,7 +555,7 @@ def test_gemma3_hidden_image_token_is_invisible_inside_the_bidirectional_block(
             embeds[:, position] += 3.0
             return args, {**kwargs, "inputs_embeds": embeds}
 
-        handle = model.model.language_model.register_forward_pre_hook(perturb, with_kwargs=True)
+        handle = language_model_of(model).register_forward_pre_hook(perturb, with_kwargs=True)
         if position is None:
             handle.remove()
         try:
@@ -679,3 +691,44 @@ def test_paligemma_runs_need_a_paligemma_template() -> None:
     [problem] = family.run_problems({}, {"template": "gemma3"}.get)
     assert problem.startswith("template: gemma3 does not lay out PaliGemma's images")
     assert "Set template: paligemma" in problem
+
+
+def test_llama4_hidden_cells_of_every_tile_and_the_global_view_reach_no_kept_token(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """Llama 4's image: 2×2 tiles and the global view, each a 4×4 grid between visible separators, across several
+    attention chunks. In an image copy, all hidden cells of all grids perturbed at once move no kept token's logits
+    (chunked and NoPE layers alike), while the separators and ``<|image|>`` (visible, not grid cells) and a kept cell
+    of the global view do move the tokens after them."""
+    from aimkp_plugin.method.variants import hidden_for
+
+    model, sample = split_sample("llama4", tiny_models, cmkp_workspace, tmp_path)
+    grids = [grid for image in sample.spans.images for grid in image.grids]
+    assert len(grids) == 5 and all((grid.height, grid.width) == (4, 4) for grid in grids)  # 2×2 tiles + global view
+    chunk = model.config.get_text_config().attention_chunk_size
+    assert grids[-1].positions[-1] // chunk > grids[0].positions[0] // chunk  # the image spans several chunks
+    hidden = hidden_for(sample.spans, "image", 2)
+    assert all(len(set(grid.positions) - set(hidden)) == 4 for grid in grids)  # the 2-D rule per grid
+    ids = sample.model_inputs["input_ids"][0]
+    image_id = model.config.image_token_id
+    first, last = grids[0].positions[0], grids[-1].positions[-1]
+    markers = [position for position in range(first, last) if int(ids[position]) != image_id]
+    assert len(markers) == 5  # tile_x, tile_y, tile_x, tile_y, <|image|>
+
+    def logits_with(positions: list[int]) -> torch.Tensor:
+        def perturb(module, args, kwargs):
+            embeds = kwargs["inputs_embeds"].clone()
+            embeds[:, positions] += 3.0
+            return args, {**kwargs, "inputs_embeds": embeds}
+
+        handle = language_model_of(model).register_forward_pre_hook(perturb, with_kwargs=True)
+        try:
+            return plugin_copy_logits(model, sample, hidden)
+        finally:
+            handle.remove()
+
+    base = logits_with([])
+    torch.testing.assert_close(logits_with(hidden), base, rtol=0, atol=1e-10)
+    assert (logits_with(markers) - base).abs().max() > 1e-6
+    kept_global = [position for position in grids[-1].positions if position not in hidden]
+    assert (logits_with(kept_global[:1]) - base).abs().max() > 1e-6

@@ -482,6 +482,19 @@ def test_trained_moe_experts_and_router_are_named_as_uncovered(tiny_models: dict
         layout_of(model)
 
 
+def test_llama4_trained_experts_and_router_are_named_as_uncovered(tiny_models: dict) -> None:
+    """Llama 4's fused expert weights have no per-copy rule, and its router is a subclass of Linear (not a Linear, so
+    not hooked as one): a run that trains them is told so and takes the reference step."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["llama4"])
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = "layers.1.feed_forward." in name and ("experts" in name or "router" in name)
+    uncovered = r"feed_forward\.experts \(Llama4TextExperts\), .*feed_forward\.router \(Llama4Router\)"
+    with pytest.raises(FastStepUnsupportedError, match=uncovered):
+        layout_of(model)
+
+
 def test_flattened_linear_inputs_are_read_per_row_and_a_subset_of_tokens_is_refused() -> None:
     """A Linear layer fed every token of every row flattened row by row (an MoE block's shared expert) gets each row's
     exact gradient; one fed a subset of the tokens (a routed expert's) stops with the reason, never attributed
@@ -615,3 +628,30 @@ def test_plain_sft_loss_of_the_moe_families_has_no_router_term(
     )
     assert float(output.loss) == pytest.approx(float(cross_entropy), rel=1e-6)
     assert float(asked) - float(cross_entropy) > 1e-3  # the term exists, when asked for
+
+
+@pytest.mark.e2e
+def test_llama4_loss_has_no_router_term_even_when_asked(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
+) -> None:
+    """Llama 4's forward never adds a router auxiliary loss (what LLaMA-Factory's ``moe_aux_loss_coef`` sets for it
+    are config flags only): plain SFT trains on the answer cross-entropy alone, so AimKP leaves the router term out
+    too. Should transformers add one, this test fails, and the AimKP step must add it as plain SFT would."""
+    from transformers import AutoModelForImageTextToText
+
+    batch, _ = llamafactory_batch(
+        tiny_models["llama4"], template_of("llama4"), cmkp_workspace, tmp_path, size=2, images=images_of("llama4")
+    )
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["llama4"], dtype=torch.float64)
+    text_config = model.config.get_text_config()
+    text_config.output_router_logits, text_config.router_aux_loss_coef = True, 0.5
+    inputs = {key: value.double() if key == "pixel_values" else value for key, value in batch.items()}
+    labels = inputs.pop("labels")
+    with torch.no_grad():
+        output = model(**inputs, labels=labels)
+        asked = model(**inputs, labels=labels, output_router_logits=True).loss
+    cross_entropy = torch.nn.functional.cross_entropy(
+        output.logits[:, :-1].reshape(-1, output.logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    assert float(output.loss) == pytest.approx(float(cross_entropy), rel=1e-12)
+    assert float(asked) == pytest.approx(float(cross_entropy), rel=1e-12)

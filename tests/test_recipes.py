@@ -33,6 +33,7 @@ def test_all_expected_recipes_exist() -> None:
         "pixtral",
         "paligemma",
         "lfm2_vl",
+        "llama4",
     )
     for family in families:
         assert {f"aimkp_{family}.yaml", f"sft_{family}.yaml", f"predict_{family}.yaml"} <= names

@@ -169,6 +169,21 @@ def test_gemma4_with_the_audio_template_is_rejected_before_loading(
     assert "gemma4" in result.stdout and "Loading dataset" not in result.stdout
 
 
+def test_llama4_with_a_cutoff_past_the_temperature_floor_is_rejected_before_loading(
+    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    """Llama 4 scales its NoPE layers' queries by each token's index in the sequence run (attention temperature
+    tuning), which a copy's dropped tokens and a packed prefix change once an index reaches ``floor_scale``: a
+    ``cutoff_len`` that allows it is refused before loading, with the bound as the fix."""
+    config = tiny_train_config(
+        tiny_models["llama4"], "llama4", cmkp_workspace, tmp_path / "out", aimkp=True, cutoff_len=4096
+    )
+    result = llamafactory_runner(config)
+    assert result.returncode != 0
+    assert "aimkp: true with a llama4 model: cutoff_len: 4096 with attn_temperature_tuning" in result.stdout
+    assert "Set cutoff_len to at most 4095." in result.stdout and "Loading dataset" not in result.stdout
+
+
 def test_qwen2vl_training_with_generation_is_rejected_before_loading(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ):

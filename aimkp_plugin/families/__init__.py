@@ -26,6 +26,7 @@ from .gemma4 import Gemma4Family
 from .glm4v import Glm4vFamily
 from .internvl import InternVLFamily
 from .lfm2_vl import Lfm2VlFamily
+from .llama4 import Llama4Family
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .mistral3 import Mistral3Family
@@ -53,6 +54,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     PixtralFamily(),
     PaliGemmaFamily(),
     Lfm2VlFamily(),
+    Llama4Family(),
 )
 # model_type -> the family of every config of that type not claimed below
 FAMILY_TABLE: dict[str, ModelFamily] = {
