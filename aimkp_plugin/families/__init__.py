@@ -3,8 +3,7 @@
 One module per family. The rest of the plugin calls :func:`family_for` and never branches on ``model_type``; a model
 type that is not in the table gets :class:`~aimkp_plugin.families.base.GenericFamily` (the 1-D fallback and the
 reference step). To add a family, write its module (see ``llava.py`` for the smallest one) and add its instance to
-``FAMILIES``. A model type the plugin knows but cannot be exact with yet has its family in ``REFUSED_FAMILIES``
-(``mllama.py``): found by :func:`family_for`, it refuses a run before the model loads, with the reason.
+``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -35,27 +34,20 @@ FAMILIES: tuple[ModelFamily, ...] = (
     Gemma4Family(),
     Glm4vFamily(),
     LlavaNextFamily(),
+    MllamaFamily(),
 )
 FAMILY_TABLE: dict[str, ModelFamily] = {model_type: family for family in FAMILIES for model_type in family.model_types}
-# known model types that AimKP cannot be exact with yet: each refuses a run before the model loads (run_problems),
-# with the reason; they are not in FAMILIES, whose families the per-family tests train
-REFUSED_FAMILIES: tuple[ModelFamily, ...] = (MllamaFamily(),)
-REFUSED_TABLE: dict[str, ModelFamily] = {
-    model_type: family for family in REFUSED_FAMILIES for model_type in family.model_types
-}
 
 
 def family_for(model_type: str | None) -> ModelFamily:
-    """The family of ``model_type`` (a refused one from :data:`REFUSED_TABLE`); a :class:`GenericFamily` when
-    neither table has it."""
-    family = FAMILY_TABLE.get(model_type or "") or REFUSED_TABLE.get(model_type or "")
+    """The family of ``model_type``; a :class:`GenericFamily` when the table has none."""
+    family = FAMILY_TABLE.get(model_type or "")
     return family if family is not None else GenericFamily(model_type or "unknown")
 
 
 __all__ = [
     "FAMILIES",
     "FAMILY_TABLE",
-    "REFUSED_FAMILIES",
     "FamilyDescription",
     "GenericFamily",
     "ImageLayoutError",
