@@ -1,12 +1,13 @@
-"""Mllama (Llama 3.2 Vision) is refused before the model loads; the maths an exact family would use is checked on a
-tiny ``MllamaForConditionalGeneration`` built from config, in float64 (``aimkp_plugin/families/mllama.py``):
+"""Mllama (Llama 3.2 Vision): what its family adds to the per-family tests (``aimkp_plugin/families/mllama.py``),
+on a tiny ``MllamaForConditionalGeneration`` built from config, in float64:
 
-- an image copy blocks its hidden patches' columns of the prepared cross-attention mask in every row: equal to the
-  model with those vision keys deleted, and a hidden patch's features move no logit;
-- the rows before the image (no visible tile) attend to every vision key, padding tiles included, which is why the
-  hidden columns are blocked in those rows too;
-- a text copy is the causal self-attention mask with the hidden columns cleared: equal to the sequence with the
-  hidden tokens deleted (their cross-attention mask rows too).
+- the rows before the image (no visible tile) attend to every vision key, padding tiles included: the reason an
+  image copy blocks its hidden keys in every row;
+- the fast step's cross-attention masks, rebuilt per row from the image token's position, equal the model's own
+  (``_prepare_cross_attention_mask``), with the hidden keys blocked as the reference step blocks them;
+- blocking a hidden patch's column equals deleting that key, and a text copy's causal mask equals deleting its
+  hidden tokens (their cross-attention rows too), on a sample whose image has padding tiles;
+- what the family refuses: another template than ``mllama``, more than one image per sample.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import pytest
 import torch
 
 from aimkp_plugin.config import AimkpArguments
-from aimkp_plugin.families import FAMILIES, ImageLayoutError, family_for
-from aimkp_plugin.families.mllama import REFUSAL, MllamaFamily, hide_vision_keys, tile_patch_grids
+from aimkp_plugin.families import ImageLayoutError, family_for
+from aimkp_plugin.families.mllama import cross_attention_masks, hide_vision_keys, tile_patch_grids
 from aimkp_plugin.integration.args import AimkpConfigError, check_before_training
 from aimkp_plugin.method.masking import hidden_positions, image_keep_offsets, visibility_attention_mask
 
@@ -159,32 +160,6 @@ def hidden_patches(stride: int) -> list[int]:
     return hidden
 
 
-def test_mllama_is_refused_before_the_model_loads(tmp_path: Path) -> None:
-    """A config-only folder (no weights, no tokenizer): the run stops at the config check, with the reason; the
-    family is known (not the generic fallback) and is not among the trained families."""
-    (tmp_path / "config.json").write_text(json.dumps(mllama_config_dict()))
-    config = tiny_train_config(tmp_path, "mllama", tmp_path, tmp_path / "out", aimkp=True)
-    with pytest.raises(AimkpConfigError, match=r"with a mllama model: mllama .* through cross-attention layers"):
-        check_before_training(config, AimkpArguments(aimkp=True))
-    assert isinstance(family_for("mllama"), MllamaFamily)
-    assert "mllama" not in {model_type for family in FAMILIES for model_type in family.model_types}
-    with pytest.raises(ImageLayoutError, match="Train it without aimkp"):  # a trainer built otherwise
-        family_for("mllama").image_span(None, [IMAGE_AT], {})
-    assert "Train it without aimkp (plain SFT)" in REFUSAL
-
-
-@pytest.mark.e2e
-def test_llamafactory_cli_refuses_mllama_before_loading(cmkp_workspace: Path, tmp_path: Path, llamafactory_runner):
-    """The same through ``llamafactory-cli train``: the folder has no weights, so only a stop before loading ends
-    with the AimKP error."""
-    folder = tmp_path / "mllama"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(mllama_config_dict()))
-    result = llamafactory_runner(tiny_train_config(folder, "mllama", cmkp_workspace, tmp_path / "out", aimkp=True))
-    assert result.returncode != 0
-    assert "AimkpConfigError: aimkp: true with a mllama model: mllama (Llama 3.2 Vision)" in result.stdout
-
-
 def test_tile_grids_are_the_patches_after_each_class_token() -> None:
     first, second = tile_patch_grids(IMAGE_SIZE, PATCH, TILES, first_key=100)
     assert (first.height, first.width) == (4, 4)
@@ -241,3 +216,33 @@ def test_text_copy_equals_the_sequence_with_the_hidden_tokens_deleted(mllama) ->
 
     moved = logits(model, {**by_embeds, "attention_mask": mask}, perturb)[keep]
     torch.testing.assert_close(moved, masked, rtol=0, atol=1e-10)
+
+
+def test_fast_step_masks_equal_the_models_own(mllama) -> None:
+    """:func:`cross_attention_masks` (the fast step's, from the image token's position and the keys its text sees)
+    against the model's ``_prepare_cross_attention_mask`` of the sample's ``cross_attention_mask``, then the same
+    hidden keys blocked in both."""
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    model, inputs = mllama
+    patches = (IMAGE_SIZE // PATCH) ** 2 + 1
+    expected, expected_rows = _prepare_cross_attention_mask(inputs["cross_attention_mask"], patches, torch.float64)
+    hidden = hidden_patches(2)
+    seen = inputs["cross_attention_mask"][0, IMAGE_AT, 0].bool().repeat_interleave(patches)[None]
+    hidden_keys = torch.zeros_like(seen)
+    hidden_keys[0, hidden] = True
+    mask, rows = cross_attention_masks(inputs["input_ids"] == IMAGE_TOKEN, seen, hidden_keys, torch.float64)
+    assert torch.equal(mask, hide_vision_keys(expected, hidden)) and torch.equal(rows, expected_rows)
+    assert not rows[0, 0, :IMAGE_AT].any() and rows[0, 0, IMAGE_AT:].all()
+
+
+def test_another_template_and_a_second_image_are_refused(tmp_path: Path) -> None:
+    """Only LLaMA-Factory's ``mllama`` template builds the cross-attention mask: another one stops before the model
+    loads. A batch with two images in a sample stops at the split (the keys of one image per sample)."""
+    (tmp_path / "config.json").write_text(json.dumps(mllama_config_dict()))
+    config = tiny_train_config(tmp_path, "llama3", tmp_path, tmp_path / "out", aimkp=True)
+    with pytest.raises(AimkpConfigError, match="with a mllama model: template: llama3 .* Set template: mllama"):
+        check_before_training(config, AimkpArguments(aimkp=True))
+    two_images = {"aspect_ratio_ids": torch.tensor([[2, 1]]), "aspect_ratio_mask": torch.ones(1, 2, MAX_TILES)}
+    with pytest.raises(ImageLayoutError, match="an Mllama sample takes one image"):
+        family_for("mllama").image_span(None, [IMAGE_AT], two_images)

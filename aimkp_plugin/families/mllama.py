@@ -7,10 +7,10 @@ Layout (transformers 5.6.0 ``models/mllama/modeling_mllama.py``; LLaMA-Factory 0
 - The sequence holds one ``<|image|>`` token per image, an ordinary embedded token: no image feature replaces it.
 - ``MllamaVisionModel`` cuts an image into up to ``max_num_tiles`` tiles (``aspect_ratio_ids``; padding tiles have
   ``aspect_ratio_mask`` 0). A tile is a ``(image_size/patch_size)²`` patch grid with a class token in front,
-  ``P = (image_size/patch_size)² + 1`` vision tokens (32² + 1 = 1025 at 448 px, patch 14). A local encoder mixes the
-  patches of a tile, a global encoder the tiles of an image. ``multi_modal_projector`` turns them into
-  ``cross_attention_states``: the keys and values of the cross-attention layers (``cross_attention_layers`` of the
-  text config), ``T · P`` per image, ordered tile, then token of the tile.
+  ``P = (image_size/patch_size)² + 1`` vision tokens (40² + 1 = 1601 on Llama 3.2 Vision's 560 px tiles, patch
+  14). A local encoder mixes the patches of a tile, a global encoder the tiles of an image. ``multi_modal_projector``
+  turns them into ``cross_attention_states``: the keys and values of the cross-attention layers
+  (``cross_attention_layers`` of the text config), ``T · P`` per image, ordered tile, then token of the tile.
 - ``cross_attention_mask`` ``(B, L, I, T)``: a text token sees the image's real tiles from the image's token on
   (``get_cross_attention_token_mask``). ``_prepare_cross_attention_mask`` repeats it ``P`` times per tile.
 - A text row that sees no tile (``full_text_row_masked_out_mask`` 0: the tokens before ``<|image|>``) gets a mask
@@ -102,8 +102,8 @@ class MllamaFamily(ModelFamily):
     templates = ("mllama",)
     projector = "multi_modal_projector"
     description = FamilyDescription(
-        grid="per real tile, the (image_size/patch)² patch grid of the cross-attention vision keys (32×32 at 448 px); "
-        "one image per sample",
+        grid="per real tile, the (image_size/patch)² patch grid of the cross-attention vision keys (40×40 on 560 px "
+        "tiles); one image per sample",
         masked="each tile's patches by the 2-D rule, hidden from every text token's cross-attention; the class "
         "tokens, padding tiles and `<|image|>` stay",
         positions="1-D (0..L-1)",
