@@ -142,7 +142,6 @@ OTHER_TEMPLATES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "ministral3": _no_family(("mistral3",), "llava_next", "Mistral 3 lays images out in rows with [IMG_BREAK]"),
     "pixtral": _no_family(("llava",), "llava_next", "Pixtral lays images out in rows with [IMG_BREAK]"),
     "llama4": _no_family(("llama4",), "internvl", "Llama 4 lays images out as tiles plus a global view"),
-    "mllama": _no_family(("mllama",), "llava", "Llama 3.2 Vision reads images through cross-attention layers"),
     "paligemma": _no_family(("paligemma",), "gemma3", "PaliGemma's image and prompt attend to each other both ways"),
     "paligemma_chat": _no_family(
         ("paligemma",), "gemma3", "PaliGemma's image and prompt attend to each other both ways"
