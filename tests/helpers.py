@@ -264,7 +264,7 @@ FAMILY_NAMES: tuple[str, ...] = tuple(family.name for family in FAMILIES)  # als
 FAMILY_BY_NAME: dict[str, ModelFamily] = {family.name: family for family in FAMILIES}
 # families whose tests read wide pictures: non-square merged grids (Qwen3 generation, GLM-4V, LFM2-VL), tiles
 # (InternVL), unpadded anyres areas (LLaVA-NeXT), non-square grids with row breaks (Mistral 3, an odd patch row
-# merged away; Pixtral)
+# merged away; Pixtral), several tiles (Mllama)
 WIDE_PICTURES = {
     "qwen3_vl",
     "qwen3_vl_moe",
@@ -275,6 +275,7 @@ WIDE_PICTURES = {
     "mistral3",
     "pixtral",
     "lfm2_vl",
+    "mllama",
 }
 
 
@@ -327,7 +328,8 @@ def deleting(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
     token deleted (after the model has put the image features in place), each kept token at its original position
     ids, the model's own masks (causal, Gemma 3's image blocks and sliding windows, Llama 4's attention chunks, built
     over the whole sequence in original positions) restricted to the kept tokens (a 2-D mask of ones where the model
-    passes none), and Qwen3-VL's DeepStack features of the kept image tokens. Written apart from the plugin's own
+    passes none), Qwen3-VL's DeepStack features of the kept image tokens, and Mllama's cross-attention mask rows
+    of the kept tokens. Written apart from the plugin's own
     removal (``aimkp_plugin.method.step.TokenRemoval``)."""
 
     def restrict(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -341,7 +343,10 @@ def deleting(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
         assert kwargs.get("position_ids") is not None, "pass the original position ids: deleting would renumber them"
         mask = own_masks(module, kwargs)
         mask = kwargs.get("attention_mask") if mask is None else mask
-        kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, keep]
+        if kwargs.get("inputs_embeds") is None:  # Mllama's language model embeds the ids itself
+            kwargs["input_ids"] = kwargs["input_ids"][:, keep]
+        else:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, keep]
         kwargs["position_ids"] = kwargs["position_ids"][..., keep]
         if isinstance(mask, dict):
             kwargs["attention_mask"] = {name: restrict(value) for name, value in mask.items()}
@@ -355,6 +360,30 @@ def deleting(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
             kept_images = ranks[keep][visual[0, keep]]
             kwargs["visual_pos_masks"] = visual[:, keep]
             kwargs["deepstack_visual_embeds"] = [rows[kept_images] for rows in kwargs["deepstack_visual_embeds"]]
+        for name in ("cross_attention_mask", "full_text_row_masked_out_mask"):  # Mllama: (1, 1, L, keys or 1)
+            if kwargs.get(name) is not None:
+                kwargs[name] = kwargs[name][:, :, keep]
+        return args, kwargs
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def deleting_keys(model: torch.nn.Module, hidden: list[int]) -> Iterator[None]:
+    """While active, Mllama's language model reads none of the vision keys ``hidden`` (indices into its
+    ``cross_attention_states`` flattened to ``(1, keys, D)``): they are deleted from the states and from the columns
+    of the cross-attention mask the model prepared."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        states = kwargs["cross_attention_states"]
+        keep = kept_positions(states.shape[0] * states.shape[1], hidden)
+        kwargs = dict(kwargs)
+        kwargs["cross_attention_states"] = states.reshape(1, -1, states.shape[-1])[:, keep]
+        kwargs["cross_attention_mask"] = kwargs["cross_attention_mask"][..., keep]
         return args, kwargs
 
     handle = language_model_of(model).register_forward_pre_hook(hook, with_kwargs=True)

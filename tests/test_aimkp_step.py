@@ -11,6 +11,7 @@ Cosines, keep decisions, the final ``.grad`` of every trainable parameter and th
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from aimkp_plugin.method.types import StepConfig
 from .helpers import (
     FAMILY_INPUTS,
     deleting,
+    deleting_keys,
     kept_positions,
     language_model_of,
     llamafactory_batch,
@@ -136,6 +138,14 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
         assert gaps == [1] * (tiles - 2) + [2]  # a separator between tiles; a separator and <|image|> before the view
         inputs = {"pixel_values": batch["pixel_values"][pixel_offset : pixel_offset + tiles].double()}
         return inputs, grids, [(side, side)] * tiles, tiles
+    if family == "mllama":  # one <|image|> token; the grids are vision keys: each real tile's patches after its CLS
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        tiles = int(batch["aspect_ratio_mask"][row].sum())
+        inputs = {key: batch[key][row : row + 1] for key in ("aspect_ratio_ids", "aspect_ratio_mask")}
+        inputs["pixel_values"] = batch["pixel_values"][row : row + 1].double()
+        inputs["cross_attention_mask"] = batch["cross_attention_mask"][row : row + 1][:, visible]
+        grids = [[tile * (side * side + 1) + 1 + cell for cell in range(side * side)] for tile in range(tiles)]
+        return inputs, grids, [(side, side)] * tiles, 1
     if family == "internvl":
         per_tile = config.image_seq_length  # each tile: a square grid of tokens after the pixel shuffle
         tiles = len(image) // per_tile
@@ -164,15 +174,19 @@ def truth_layout(family: str, config, batch: dict, row: int, visible, image: lis
     return inputs, [image], [(int(thw[0, 1]) // merge, int(thw[0, 2]) // merge)], patches
 
 
-def ground_truth_gradient(model, inputs: dict, hidden: list[int], parameters) -> tuple[list[torch.Tensor], int]:
+def ground_truth_gradient(
+    model, inputs: dict, hidden: list[int], parameters, hidden_keys: list[int] = ()
+) -> tuple[list[torch.Tensor], int]:
     """The gradient of a copy's mean answer cross-entropy: the model run on the sequence with the ``hidden`` tokens
-    deleted, every kept token at its original position ids (:func:`~tests.helpers.deleting`)."""
+    deleted, every kept token at its original position ids (:func:`~tests.helpers.deleting`), and Mllama's
+    ``hidden_keys`` deleted from its cross-attention keys (:func:`~tests.helpers.deleting_keys`)."""
     length = inputs["input_ids"].shape[1]
     kwargs = dict(inputs)
     kwargs.setdefault("position_ids", torch.arange(length)[None])
     labels = kwargs.pop("labels")
     keep = kept_positions(length, hidden)
-    with deleting(model, keep):  # without a cache, as in training; float64 (HF's own loss: float32)
+    keys = deleting_keys(model, list(hidden_keys)) if hidden_keys else nullcontext()
+    with deleting(model, keep), keys:  # without a cache, as in training; float64 (HF's own loss: float32)
         logits = model(**kwargs, use_cache=False).logits
     kept_labels = labels[0, keep]
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], kept_labels[1:], ignore_index=-100)  # mean over answers
@@ -197,7 +211,7 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
     truth_model = load_model(path, "sdpa")  # eager attention would take its softmax in float32
     truth_parameters = [parameter for parameter in truth_model.parameters() if parameter.requires_grad]
     config = truth_model.config
-    image_id = config.image_token_index if family == "llava" else config.image_token_id
+    image_id = config.image_token_index if family in ("llava", "mllama") else config.image_token_id
     pixel_offset = 0
     truth, layouts = [], []
     for row, post in enumerate(posts):
@@ -218,7 +232,11 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
         for modality, state in zip(("text", "image"), STRIDES[row], strict=True):
             if state.stride > 1:
                 hidden = spec_hidden(text, grids, grid, modality, state.stride)
-                gradients[modality], _ = ground_truth_gradient(truth_model, inputs, hidden, truth_parameters)
+                if family == "mllama" and modality == "image":  # its grids' cells are vision keys
+                    hidden, keys = [], hidden
+                else:
+                    keys = []
+                gradients[modality], _ = ground_truth_gradient(truth_model, inputs, hidden, truth_parameters, keys)
         cosines = {
             name: float(torch.nn.functional.cosine_similarity(flat(gradients["original"]), flat(g), dim=0))
             for name, g in gradients.items()
@@ -258,8 +276,9 @@ def test_reference_step_matches_one_variant_at_a_time_ground_truth(
     samples = BatchSplitter(model.config, tokenizer).split(batch_for_plugin, [0, 1, 2])
     family_of_model = family_for(model.config)
     mask, removal = family_of_model.reference_mask_builder(model), family_of_model.token_removal(model)
+    keys = family_of_model.key_hiding(model)
     outcomes = [
-        reference_sample_step(model, parameters, s, state, config, total_tokens, torch.bool, 0, mask, removal)
+        reference_sample_step(model, parameters, s, state, config, total_tokens, torch.bool, 0, mask, removal, keys)
         for s in samples
     ]
 
@@ -285,14 +304,14 @@ def split_sample(family: str, tiny_models: dict, workspace: Path, tmp_path: Path
     return model, BatchSplitter(model.config, tokenizer).split(batch, list(range(size)))[-1]
 
 
-def plugin_copy_logits(model, sample, hidden: list[int]) -> torch.Tensor:
-    """The reference step's logits of a copy at its kept tokens ``(K, V)``."""
+def plugin_copy_logits(model, sample, hidden: list[int], hidden_keys: list[int] = ()) -> torch.Tensor:
+    """The reference step's logits of a copy at its kept tokens ``(K, V)`` (``hidden_keys``: Mllama's vision keys)."""
     from aimkp_plugin.method.step import copy_logits
 
     family = family_for(model.config)
-    mask, removal = family.reference_mask_builder(model), family.token_removal(model)
+    mask, removal, keys = family.reference_mask_builder(model), family.token_removal(model), family.key_hiding(model)
     with torch.no_grad():
-        logits, _ = copy_logits(model, sample, hidden, torch.bool, mask, removal)
+        logits, _ = copy_logits(model, sample, hidden, torch.bool, mask, removal, keys, hidden_keys)
     if removal is not None:
         return logits[0]
     return logits[0, kept_positions(logits.shape[1], hidden)]
@@ -306,18 +325,19 @@ def test_copy_logits_equal_the_model_on_the_sequence_with_the_hidden_tokens_dele
     pass of the model on the sequence with the hidden tokens deleted and the kept tokens at their original position
     ids (float64, 1e-10). Attention masking gives that for pure-attention models; Qwen3.5's linear-attention layers
     need the tokens removed."""
-    from aimkp_plugin.method.variants import hidden_for
+    from aimkp_plugin.method.variants import hidden_for, hidden_keys_for
 
     model, sample = split_sample(family, tiny_models, cmkp_workspace, tmp_path)
     inputs = {key: value for key, value in sample.model_inputs.items() if key != "labels"}
     length = inputs["input_ids"].shape[1]
     inputs.setdefault("position_ids", torch.arange(length)[None])  # (Gemma 3's token_type_ids are among them)
     for modality in ("text", "image"):
-        hidden = hidden_for(sample.spans, modality, 2)
-        assert hidden
-        with torch.no_grad(), deleting(model, kept_positions(length, hidden)):
+        hidden, keys = hidden_for(sample.spans, modality, 2), hidden_keys_for(sample.spans, modality, 2)
+        assert hidden or keys  # Mllama's image copy hides vision keys, no token
+        deleted_keys = deleting_keys(model, keys) if keys else nullcontext()
+        with torch.no_grad(), deleting(model, kept_positions(length, hidden)), deleted_keys:
             deleted = model(**inputs, use_cache=False).logits[0]
-        torch.testing.assert_close(plugin_copy_logits(model, sample, hidden), deleted, rtol=0, atol=1e-10)
+        torch.testing.assert_close(plugin_copy_logits(model, sample, hidden, keys), deleted, rtol=0, atol=1e-10)
 
 
 def test_qwen3_5_copy_equals_the_model_called_on_the_deleted_embeddings(
@@ -394,27 +414,34 @@ def test_hidden_tokens_do_not_influence_the_kept_tokens(
     family: str, size: int, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path
 ):
     """Perturbing a hidden token's input embedding moves no kept token's logits (1e-10); perturbing a kept one does.
-    The sample comes from a batch of ``size`` (the second of two carries the first's padding until it is split)."""
-    from aimkp_plugin.method.variants import hidden_for
+    The sample comes from a batch of ``size`` (the second of two carries the first's padding until it is split).
+    Mllama's image copy hides vision keys: there a hidden and a kept key's cross-attention states are perturbed."""
+    from aimkp_plugin.method.variants import hidden_for, hidden_keys_for
 
     model, sample = split_sample(family, tiny_models, cmkp_workspace, tmp_path, size)
     for modality in ("text", "image"):
-        hidden = hidden_for(sample.spans, modality, 2)
-        span = sample.spans.text if modality == "text" else sample.spans.image_positions
-        kept = [position for position in span if position not in hidden]
+        hidden, keys = hidden_for(sample.spans, modality, 2), hidden_keys_for(sample.spans, modality, 2)
+        name = "cross_attention_states" if keys else "inputs_embeds"
+        if keys:
+            span = [cell for image in sample.spans.images for grid in image.grids for cell in grid.positions]
+        else:
+            span = sample.spans.text if modality == "text" else sample.spans.image_positions
+        kept = [position for position in span if position not in hidden + keys]
         logits = []
-        for position in (None, hidden[0], kept[0]):
+        for position in (None, (hidden + keys)[0], kept[0]):
             handle = None
             if position is not None:  # perturb what the LLM receives (image positions hold the vision features)
 
-                def perturb(module, args, kwargs, position=position):
-                    embeds = kwargs["inputs_embeds"].clone()
-                    embeds[:, position] += 3.0
-                    return args, {**kwargs, "inputs_embeds": embeds}
+                def perturb(module, args, kwargs, position=position, name=name):
+                    if kwargs.get(name) is None:  # Mllama's language model embeds its ids itself
+                        kwargs = {**kwargs, name: module.embed_tokens(kwargs["input_ids"]), "input_ids": None}
+                    values = kwargs[name].clone()
+                    values.view(1, -1, values.shape[-1])[:, position] += 3.0  # Mllama's keys: (tiles, P, D)
+                    return args, {**kwargs, name: values}
 
                 handle = language_model_of(model).register_forward_pre_hook(perturb, with_kwargs=True)
             try:
-                logits.append(plugin_copy_logits(model, sample, hidden))
+                logits.append(plugin_copy_logits(model, sample, hidden, keys))
             finally:
                 if handle is not None:
                     handle.remove()

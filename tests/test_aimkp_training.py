@@ -72,7 +72,8 @@ def test_three_epochs_with_aimkp(run: str, three_epoch_runs: dict):
         assert "Quantizing model to 4 bit with bitsandbytes." in result.stdout
     assert "AimKP curriculum: text mean stride" in result.stdout
     assert f"the fast AimKP step runs for the {family} family" in result.stdout
-    sharing = "computed per copy" if FAMILY_BY_NAME[family].removes_hidden_tokens else "computed once where over 0.4"
+    apart = FAMILY_BY_NAME[family].removes_hidden_tokens or FAMILY_BY_NAME[family].cross_attention_images
+    sharing = "computed per copy" if apart else "computed once where over 0.4"
     assert f"the text copies' shared prefix {sharing}" in result.stdout
     assert "fallback" not in result.stdout and "reference step runs instead" not in result.stdout
 

@@ -112,9 +112,9 @@ def run_reference(model, samples, config: StepConfig, tokens: float):
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     state = fresh_state()
     family = family_for(model.config)
-    mask, removal = family.reference_mask_builder(model), family.token_removal(model)
+    mask, removal, keys = family.reference_mask_builder(model), family.token_removal(model), family.key_hiding(model)
     outcomes = [
-        reference_sample_step(model, parameters, s, state, config, tokens, torch.bool, 0, mask, removal)
+        reference_sample_step(model, parameters, s, state, config, tokens, torch.bool, 0, mask, removal, keys)
         for s in samples
     ]
     return outcomes, state, [parameter.grad.clone() for parameter in parameters]
@@ -256,8 +256,11 @@ def test_shared_prefix_gives_the_same_result(case, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(fast_step, "sharing_prefixes", counted)
     model, samples, config, tokens = case
-    if layout_of(model).family.removes_hidden_tokens:  # linear attention reads the sequence in order: no tree mask
-        with pytest.raises(FastStepUnsupportedError, match="mixes them outside attention"):
+    family = layout_of(model).family
+    if family.removes_hidden_tokens or family.cross_attention_images:  # linear attention reads the sequence in
+        # order: no tree mask; Mllama's cross-attention layers take per-row keys and masks that are not packed
+        reason = "mixes them outside attention" if family.removes_hidden_tokens else "per-row vision keys"
+        with pytest.raises(FastStepUnsupportedError, match=reason):
             run_fast(model, samples, config, tokens, share_prefix=True)
         assert packed == []
         return
@@ -455,7 +458,8 @@ def test_hidden_token_before_the_answer_goes_to_the_reference_step(case) -> None
     else:
         assert left == [0] and [outcome.index for outcome in outcomes] == [1, 2, 3]
         mask = family.reference_mask_builder(model)
-        reference_sample_step(model, parameters, changed[0], state, config, tokens, torch.bool, 0, mask)
+        keys = family.key_hiding(model)
+        reference_sample_step(model, parameters, changed[0], state, config, tokens, torch.bool, 0, mask, None, keys)
     for parameter, expected in zip(parameters, expected_grads, strict=True):
         torch.testing.assert_close(parameter.grad, expected, rtol=1e-9, atol=1e-13)
 
@@ -577,7 +581,7 @@ def test_five_optimizer_steps_match_the_reference(
         for result in results.values():
             assert f"Quantizing model to {QUANTIZED_SETUPS[setup]} bit with bitsandbytes." in result.stdout
     shared = "computed per copy, aimkp_fast_share_prefix: False" if setup == "batch1" else "computed once"
-    if FAMILY_BY_NAME[family].removes_hidden_tokens:
+    if FAMILY_BY_NAME[family].removes_hidden_tokens or FAMILY_BY_NAME[family].cross_attention_images:
         shared = "computed per copy"
     assert f"the text copies' shared prefix {shared}" in results["fast"].stdout
     assert_same_adapter(outputs["reference"], outputs["fast"], rtol=1e-5)

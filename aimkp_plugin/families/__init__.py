@@ -30,6 +30,7 @@ from .llama4 import Llama4Family
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily
 from .mistral3 import Mistral3Family
+from .mllama import MllamaFamily
 from .paligemma import PaliGemmaFamily
 from .pixtral import PixtralFamily
 from .qwen2_vl import Qwen25VLFamily, QwenVLFamily
@@ -55,6 +56,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     PaliGemmaFamily(),
     Lfm2VlFamily(),
     Llama4Family(),
+    MllamaFamily(),
 )
 # model_type -> the family of every config of that type not claimed below
 FAMILY_TABLE: dict[str, ModelFamily] = {

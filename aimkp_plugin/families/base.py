@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from ..method.family_interface import ImageFeatures, TokenRemoval, base_model_of
+from ..method.family_interface import ImageFeatures, KeyHiding, TokenRemoval, base_model_of
 from ..method.types import ImageSpan, SampleInputs, TokenGrid
 
 
@@ -78,6 +78,9 @@ class ModelFamily:
     # True: the model mixes tokens outside attention (linear attention, convolutions), where a masked token still
     # moves the state; a copy then runs with its hidden tokens removed from the sequence (language_inputs_kept)
     removes_hidden_tokens: ClassVar[bool] = False
+    # True: images reach the language model as cross-attention keys (Mllama); image grids are of keys, an image copy
+    # hides keys (key_hiding), and the fast step passes the keys beside the embeddings
+    cross_attention_images: ClassVar[bool] = False
     has_fast_step: ClassVar[bool] = True
     tiny_models: ClassVar[tuple[TinyModelSpec, ...]] = ()
 
@@ -133,6 +136,11 @@ class ModelFamily:
         if not self.removes_hidden_tokens:
             return None
         return TokenRemoval(self.language_model(model), self.language_inputs_kept)
+
+    def key_hiding(self, model: nn.Module) -> KeyHiding | None:
+        """How the reference step hides an image copy's vision keys, for a family with ``cross_attention_images``;
+        None otherwise."""
+        return None
 
     def run_problems(self, model_config: dict[str, Any], setting: Callable[[str], Any]) -> list[str]:
         """Settings of a run that AimKP cannot be exact with for this family, each naming the setting and the fix;

@@ -138,7 +138,6 @@ OTHER_TEMPLATES: dict[str, tuple[tuple[str, ...], str, str]] = {
         "Gemma 3n has a MobileNet vision tower, per-layer embeddings and AltUp layers, and the template adds audio",
     ),
     "glm_ocr": _no_family(("glm_ocr",), "glm4v", "GLM-OCR derives from GLM-4V's code with its own vision attention"),
-    "mllama": _no_family(("mllama",), "llava", "Llama 3.2 Vision reads images through cross-attention layers"),
     # a template of a family that the family cannot train exactly
     "gemma4n": _refused(
         ("gemma4",),

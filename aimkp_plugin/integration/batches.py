@@ -148,7 +148,7 @@ class BatchSplitter:
         missing = length - values.shape[0]
         if missing <= 0:
             return values
-        padding = values.new_zeros(missing)
+        padding = values.new_zeros(missing, *values.shape[1:])  # Mllama's cross_attention_mask: (L, images, tiles)
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         return torch.cat([padding, values] if left else [values, padding])
 

@@ -160,6 +160,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         self.aimkp_mask_dtype = attention_mask_dtype(core, compute_dtype)
         self.aimkp_reference_mask = self.aimkp_family.reference_mask_builder(core)
         self.aimkp_removal = self.aimkp_family.token_removal(core)
+        self.aimkp_keys = self.aimkp_family.key_hiding(core)
         self.aimkp_layout = self._aimkp_fast_layout()
 
     @staticmethod
@@ -299,6 +300,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
                     epoch,
                     self.aimkp_reference_mask,
                     self.aimkp_removal,
+                    self.aimkp_keys,
                 )
             )
         return outcomes

@@ -5,6 +5,8 @@
 - :class:`ImageFeatures`: a micro-batch's image features as a family's ``encode_images`` returns them;
 - :class:`TokenRemoval`: how a family whose tokens mix outside attention runs a copy with its hidden tokens removed
   (the reference step's pre-hook);
+- :class:`KeyHiding`: how a family whose images are cross-attention keys (Mllama) hides a copy's vision keys (the
+  reference step's pre-hook);
 - :class:`FastStepUnsupportedError`: a model or a trained parameter outside what the fast step computes per row.
 
 Families import this module, never the steps. Pure torch.
@@ -35,6 +37,9 @@ class ImageFeatures:
 
     tokens: torch.Tensor
     extras: tuple[torch.Tensor, ...] = ()
+    # False: the images reach the language model through cross-attention (``cross_attention_images``); ``tokens``
+    # then holds each image's keys (one row per image token) and is passed to ``language_logits`` with the extras
+    replaces_tokens: bool = True
 
     @property
     def shared(self) -> list[torch.Tensor]:
@@ -46,6 +51,9 @@ class FastStepFamily(Protocol):
 
     name: str
     removes_hidden_tokens: bool  # token mixing outside attention: rows never share a packed prefix
+    # images read through cross-attention layers (Mllama): an image copy hides vision keys, not tokens; the features
+    # are not scattered into the embeddings, each row's hidden keys are passed beside them, no packed prefix
+    cross_attention_images: bool
 
     def image_token_id(self, config: object) -> int | None:
         """The id of the tokens whose embeddings are replaced by image features."""
@@ -76,7 +84,9 @@ class FastStepFamily(Protocol):
     ) -> torch.Tensor:
         """Logits ``(rows, len(logits_positions), vocabulary)`` at ``logits_positions`` (1-D, the same positions of
         every row) of padded rows whose image tokens (``image_mask``) already hold their features; ``extras`` are the
-        kept rows of :attr:`ImageFeatures.extras`, in the order of ``image_mask``."""
+        kept rows of :attr:`ImageFeatures.extras`, in the order of ``image_mask``. With ``cross_attention_images``
+        the image tokens keep their embeddings, and ``extras`` are the kept rows of every shared feature (the keys
+        first) followed by each kept image token's hidden keys (bool, ``(image tokens, keys)``)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,31 @@ class TokenRemoval:
             return args, self.keep_inputs(kwargs, keep)
 
         handle = self.module.register_forward_pre_hook(gather, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class KeyHiding:
+    """How a copy hides cross-attention vision keys: ``module`` is the language model, and ``hide(kwargs, keys)``
+    turns its keyword arguments into those with the vision keys ``keys`` (indices into the sample's keys) seen by no
+    text token."""
+
+    module: nn.Module
+    hide: Callable[[dict[str, Any], list[int]], dict[str, Any]]
+
+    @contextmanager
+    def hiding(self, keys: list[int]) -> Iterator[None]:
+        """While active, every call of :attr:`module` sees the vision keys ``keys`` hidden."""
+
+        def hide(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+            if args:
+                raise RuntimeError(f"aimkp: {type(module).__name__} was called with positional inputs")
+            return args, self.hide(kwargs, keys)
+
+        handle = self.module.register_forward_pre_hook(hide, with_kwargs=True)
         try:
             yield
         finally:

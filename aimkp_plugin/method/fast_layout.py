@@ -111,7 +111,16 @@ def resolve_share_prefix(layout: FastStepLayout, requested: bool | None, device:
     copy would share the prefix's dropout masks (kept apart, each forward pass draws its own, as in the reference
     step): with ``requested`` True that is a :class:`FastStepUnsupportedError`. Never for a family that removes hidden
     tokens (linear attention and convolutions read the sequence in order, so a tree mask cannot separate the copies);
-    with ``requested`` True that is an error too."""
+    with ``requested`` True that is an error too; nor for a family whose images are cross-attention keys (the
+    cross-attention inputs are not packed)."""
+    if layout.family.cross_attention_images:
+        if requested:
+            raise FastStepUnsupportedError(
+                f"aimkp_fast_share_prefix: true packs the decoder layers' per-token inputs, and the "
+                f"{layout.family.name} model's cross-attention layers take per-row vision keys and masks that the "
+                "packed prefix does not carry. Set aimkp_fast_share_prefix: auto or false."
+            )
+        return None
     if layout.family.removes_hidden_tokens:
         if requested:
             raise FastStepUnsupportedError(

@@ -7,7 +7,9 @@ What changes against the reference, and why each change keeps the result exact:
   reads the same image features (the reference recomputes them per variant, with identical results).
 - **Masked tokens are dropped, not hidden.** A hidden token influences no other token, so removing it from the
   sequence changes nothing for the kept ones, as long as every kept token keeps its original position id (also
-  Qwen2-VL's 3-D rope positions, whose columns are gathered). At stride 2 a 24×24 image keeps 144 of 576 tokens.
+  Qwen2-VL's 3-D rope positions, whose columns are gathered). At stride 2 a 24×24 image keeps 144 of 576 tokens. A
+  model whose images are cross-attention keys (Mllama) reads its encoded keys beside the embeddings instead, each
+  row with its own hidden keys blocked (an image copy there hides keys, no token).
 - **Variants of the micro-batch run together**, as rows of padded forward passes (rows sorted by length and split
   into the passes that pad least, at most ``max_tokens_per_forward`` padded tokens per pass; by default as many as
   the micro-batch's own padded batch, the size of the plain SFT forward of the same micro-batch, and on an
@@ -39,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -116,7 +118,7 @@ def fast_batch_step(
         row_bytes = sum(parameter.numel() for parameter in layout.parameters) * buffer_dtype.itemsize
         for group in buffer_groups(rows, row_bytes, config.max_buffer_bytes):
             slot = {position: index for index, position in enumerate(group)}
-            group_rows = [Row(slot[row.sample], row.name, row.stride, row.keep) for row in rows if row.sample in slot]
+            group_rows = [replace(row, sample=slot[row.sample]) for row in rows if row.sample in slot]
             group_rows, passes = plan_passes(group_rows, max_tokens_per_forward, share_from)
             group_samples = [samples[position] for position in group]
             train_rows(
@@ -269,7 +271,11 @@ def run_pass(
     inputs_embeds = embedding(input_ids)
     image_mask = input_ids == family.image_token_id(model.config)
     values = features.pass_values(group, device)
-    if values and values[0].shape[0]:
+    extras = values[1:]
+    if family.cross_attention_images:  # the features are the keys of cross-attention, beside the embeddings
+        counts = [(row, len(kept)) for row, kept in zip(rows[group], features.indices[group], strict=True)]
+        extras = [*values, hidden_key_rows(counts, values[0].shape[1], device)] if values else []
+    elif values and values[0].shape[0]:
         inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], values[0])
     if not inputs_embeds.requires_grad:
         inputs_embeds.requires_grad_(True)  # frozen embeddings and projector: the graph starts here
@@ -282,7 +288,7 @@ def run_pass(
         sharing = sharing_prefixes(family.decoder_layers(model), plan.to(device), gradients)
     with sharing:
         logits = family.language_logits(
-            model, inputs_embeds, attention_mask, position_ids, image_mask, values[1:], predicting
+            model, inputs_embeds, attention_mask, position_ids, image_mask, extras, predicting
         )
     sums = predicted_loss_sums(logits, labels[:, predicting + 1])
     tokens = torch.tensor(
@@ -290,6 +296,20 @@ def run_pass(
     )
     (sums / tokens).sum().backward()
     return sums.detach()
+
+
+def hidden_key_rows(rows: Sequence[tuple[Row, int]], keys_per_image: int, device: torch.device) -> torch.Tensor:
+    """Per image token of ``rows`` (each with its number of image tokens; rows in order, a row's images in order),
+    which of its image's ``keys_per_image`` vision keys the row hides: ``(image tokens, keys_per_image)`` bool. A
+    row's hidden keys index its sample's keys, image after image, and every row keeps all of its sample's image
+    tokens (an image copy hides keys, not tokens): key ``k`` is key ``k mod K`` of the row's image ``k // K``."""
+    blocks = []
+    for row, count in rows:
+        block = torch.zeros(count, keys_per_image, dtype=torch.bool)
+        for key in row.hidden_keys:
+            block[key // keys_per_image, key % keys_per_image] = True
+        blocks.append(block)
+    return torch.cat(blocks).to(device)
 
 
 def vision_backward(

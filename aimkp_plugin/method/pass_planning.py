@@ -21,17 +21,19 @@ import torch
 from .shared_prefix import PrefixPair
 from .state import CurriculumState
 from .types import IGNORE_INDEX, ORIGINAL, SampleInputs, StepConfig
-from .variants import hidden_for, kept_positions, planned_copies
+from .variants import hidden_for, hidden_keys_for, kept_positions, planned_copies
 
 
 @dataclass
 class Row:
-    """One variant of one sample, as a row of a forward pass: the sample's positions it keeps, in order."""
+    """One variant of one sample, as a row of a forward pass: the sample's positions it keeps, in order, and the
+    cross-attention vision keys it hides (an image copy of a model whose images are cross-attention keys)."""
 
     sample: int  # position in the micro-batch
     name: str  # ORIGINAL, "text" or "image"
     stride: int
     keep: torch.Tensor  # long, sorted positions of the sample's sequence
+    hidden_keys: tuple[int, ...] = ()  # indices into the sample's vision keys
 
 
 def needs_reference_step(sample: SampleInputs, hidden: Sequence[int]) -> bool:
@@ -58,7 +60,8 @@ def plan_rows(
             if not removes_hidden and needs_reference_step(sample, hidden):
                 reference.append(position)
                 break
-            sample_rows.append(Row(position, modality, stride, kept_positions(length, hidden)))
+            hidden_keys = tuple(hidden_keys_for(sample.spans, modality, stride))
+            sample_rows.append(Row(position, modality, stride, kept_positions(length, hidden), hidden_keys))
         else:
             rows += sample_rows
     return rows, reference

@@ -8,7 +8,9 @@ float32), keep or drop them, and add ``n_i / |kept| / N`` times each kept copy's
 A model that mixes tokens outside attention (linear attention, convolutions) runs each copy with its hidden tokens
 removed from the sequence instead (:class:`TokenRemoval`): a forward pre-hook on its language model keeps only the
 kept positions of ``inputs_embeds`` (the image features already in place) and of every position-id row, and the loss
-reads the kept tokens' labels. In a pure-attention model both ways give the same outputs at the kept tokens.
+reads the kept tokens' labels. In a pure-attention model both ways give the same outputs at the kept tokens. A
+model whose images are cross-attention keys (Mllama) runs an image copy with its hidden vision keys blocked in every
+text row (:class:`KeyHiding`, a forward pre-hook on its language model).
 
 Pure torch: the model is any callable returning logits, so the same code runs inside LLaMA-Factory and in tests.
 """
@@ -16,15 +18,23 @@ Pure torch: the model is any callable returning logits, so the same code runs in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 
-from .family_interface import TokenRemoval
+from .family_interface import KeyHiding, TokenRemoval
 from .filtering import gradient_cosine, keep_copy, variant_weight
 from .masking import visibility_attention_mask
 from .state import CurriculumState
 from .types import ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfig
-from .variants import hidden_for, kept_positions, planned_copies, summed_cross_entropy, update_curriculum
+from .variants import (
+    hidden_for,
+    hidden_keys_for,
+    kept_positions,
+    planned_copies,
+    summed_cross_entropy,
+    update_curriculum,
+)
 
 
 # A model family's attention pattern for a copy: (sample, hidden positions, mask dtype) -> the ``attention_mask``
@@ -39,10 +49,27 @@ def copy_logits(
     dtype: torch.dtype,
     attention_mask: AttentionMaskBuilder | None = None,
     removal: TokenRemoval | None = None,
+    keys: KeyHiding | None = None,
+    hidden_keys: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A copy's logits and the labels they predict: the whole sequence with ``hidden`` invisible (attention), or
-    with ``removal`` only the kept positions and their labels. Without a cache, as in training (a Qwen3.5 forward
-    with ``use_cache`` builds its masks against the cache and gives other outputs)."""
+    with ``removal`` only the kept positions and their labels; ``hidden_keys`` (cross-attention vision keys) hidden by
+    ``keys``. Without a cache, as in training (a Qwen3.5 forward with ``use_cache`` builds its masks against the
+    cache and gives other outputs)."""
+    if hidden_keys and keys is None:
+        raise ValueError("aimkp: a copy hides cross-attention vision keys, and no KeyHiding was given for them")
+    with keys.hiding(list(hidden_keys)) if hidden_keys else nullcontext():
+        return _copy_logits(model, sample, hidden, dtype, attention_mask, removal)
+
+
+def _copy_logits(
+    model: Callable[..., object],
+    sample: SampleInputs,
+    hidden: list[int],
+    dtype: torch.dtype,
+    attention_mask: AttentionMaskBuilder | None,
+    removal: TokenRemoval | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if removal is None:
         return model(**masked_inputs(sample, hidden, dtype, attention_mask), use_cache=False).logits, sample.labels
     length = sample.model_inputs["input_ids"].shape[1]
@@ -100,26 +127,28 @@ def reference_sample_step(
     epoch: int = 0,
     attention_mask: AttentionMaskBuilder | None = None,
     removal: TokenRemoval | None = None,
+    keys: KeyHiding | None = None,
 ) -> SampleOutcome:
     """Run one visit of one sample: gradients into ``.grad``, the state updated, the outcome returned.
 
     A second visit within the same ``epoch`` (a distributed sampler's padding) trains but leaves the state alone.
     ``attention_mask`` builds a copy's mask for a model family whose attention is not plain causal (Gemma 3's
     bidirectional image blocks); ``removal`` runs every variant with its hidden tokens removed (a model that mixes
-    tokens outside attention).
+    tokens outside attention); ``keys`` hides an image copy's vision keys (a model whose images are cross-attention
+    keys).
     """
     n_tokens = sample.num_answer_tokens
     outcome = SampleOutcome(sample.index, n_tokens, 0.0)
-    variants: list[tuple[str, int, list[int]]] = [(ORIGINAL, 1, [])]
+    variants: list[tuple[str, int, list[int], list[int]]] = [(ORIGINAL, 1, [], [])]
     variants += [
-        (modality, stride, hidden_for(sample.spans, modality, stride))
+        (modality, stride, hidden_for(sample.spans, modality, stride), hidden_keys_for(sample.spans, modality, stride))
         for modality, stride in planned_copies(sample, state, config)
     ]
     gradients: dict[str, list[torch.Tensor]] = {}
-    for name, _, hidden in variants:
+    for name, _, hidden, hidden_keys in variants:
         if n_tokens == 0:
             break
-        logits, labels = copy_logits(model, sample, hidden, mask_dtype, attention_mask, removal)
+        logits, labels = copy_logits(model, sample, hidden, mask_dtype, attention_mask, removal, keys, hidden_keys)
         loss_sum = summed_cross_entropy(logits, labels)
         if name == ORIGINAL:
             outcome.original_loss_sum = float(loss_sum.detach())
@@ -127,7 +156,7 @@ def reference_sample_step(
 
     kept = [ORIGINAL] if n_tokens else []
     cosines: dict[str, float] = {}
-    for name, stride, _ in variants[1:]:
+    for name, stride, _, _ in variants[1:]:
         if name not in gradients:
             continue
         cosines[name] = gradient_cosine(gradients[ORIGINAL], gradients[name])

@@ -4,7 +4,9 @@
   given by the sequence positions of its cells in row-major order;
 - :class:`ImageSpan`: every image token of one image, and its grids (several for a tiled image). Image tokens that
   belong to no grid (separators, newlines) are never masked. Without grids (``grids`` None) the image is masked with
-  the 1-D fallback, every γ-th token;
+  the 1-D fallback, every γ-th token. An image that reaches the language model through cross-attention (Mllama) has
+  grids of *vision keys* (``keys``): its cells index the sample's cross-attention keys, and its tokens are never
+  hidden;
 - :class:`ModalitySpans`: the text span and the image spans of one sample;
 - :class:`SampleInputs`: one unpadded sample, its index in the training set, its model inputs and spans;
 - :class:`StepConfig`, :class:`CopyOutcome`, :class:`SampleOutcome`: a step's settings and its per-sample results.
@@ -41,10 +43,12 @@ class TokenGrid:
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """The image tokens of one image: all their positions, and their grids (None: the 1-D fallback)."""
+    """The image tokens of one image: all their positions, and their grids (None: the 1-D fallback). With ``keys``
+    the grids' cells are indices of the sample's cross-attention vision keys, not sequence positions."""
 
     positions: list[int]
     grids: tuple[TokenGrid, ...] | None = None
+    keys: bool = False
 
     @property
     def grid(self) -> tuple[int, int] | None:

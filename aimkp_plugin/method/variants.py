@@ -6,7 +6,8 @@ and the curriculum update after the visit.
 - The text copy hides the text span's tokens outside offsets γ-1, 2γ-1, ...; the image copy applies the 2-D rule to
   each grid of each image (per tile for tiled images: every tile at the sample's one image stride, each keeping its
   last token when the rule keeps nothing), leaves image tokens outside any grid visible, and falls back to every γ-th
-  image token for an image without grids.
+  image token for an image without grids. An image whose grids are cross-attention keys hides keys
+  (:func:`hidden_keys_for`), no token.
 - The loss of a row is Σ over its answer tokens of the next-token cross-entropy; a variant's loss is that sum over
   n_i (the mean of the spec).
 
@@ -31,12 +32,26 @@ def hidden_for(spans: ModalitySpans, modality: str, stride: int) -> list[int]:
         return hidden_positions(spans.text, text_keep_offsets(len(spans.text), stride))
     hidden: list[int] = []
     for image in spans.images:
+        if image.keys:
+            continue  # its cells are cross-attention keys: hidden_keys_for
         if image.grids is None:
             hidden += hidden_positions(image.positions, text_keep_offsets(len(image.positions), stride))
             continue
         for grid in image.grids:
             kept = image_keep_offsets(grid.height, grid.width, stride)
             hidden += hidden_positions(list(grid.positions), kept)
+    return sorted(hidden)
+
+
+def hidden_keys_for(spans: ModalitySpans, modality: str, stride: int) -> list[int]:
+    """The cross-attention vision keys a copy of ``modality`` at ``stride`` hides: the 2-D rule on each key grid of
+    each image whose grids are keys (none for a text copy or for images of tokens)."""
+    if modality != "image":
+        return []
+    hidden: list[int] = []
+    for image in spans.images:
+        for grid in image.grids if image.keys and image.grids else ():
+            hidden += hidden_positions(list(grid.positions), image_keep_offsets(grid.height, grid.width, stride))
     return sorted(hidden)
 
 
