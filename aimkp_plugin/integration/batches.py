@@ -95,13 +95,14 @@ class BatchSplitter:
                 "cannot split per sample yet."
             )
         attention_mask = batch.get("attention_mask")
-        rows, image_count = [], 0  # per sample: (visible, ids, labels, its image numbers in the batch, spans)
+        rows, image_count = [], 0  # per sample: (visible, ids, labels, its image numbers in the batch, spans, ids and
+        # labels as lists)
         pixel_offsets = [0]  # where each image's rows start in pixel_values
         for row, index in enumerate(indices):
             visible = attention_mask[row].bool() if attention_mask is not None else slice(None)
             ids, labels = batch["input_ids"][row][visible], batch["labels"][row][visible]
-            id_list = ids.tolist()
-            answer_start = answer_start_of(labels.tolist())
+            id_list, label_list = ids.tolist(), labels.tolist()
+            answer_start = answer_start_of(label_list)
             blocks = image_blocks(id_list, len(id_list), self.image_token_id, self.break_ids)  # every image
             numbers = range(image_count, image_count + len(blocks))
             image_count += len(blocks)
@@ -114,7 +115,7 @@ class BatchSplitter:
                 [blocks[slot] for slot in prompt],
                 [per_image[slot] for slot in prompt],
             )
-            rows.append((visible, ids, labels, numbers, spans))
+            rows.append((visible, ids, labels, numbers, spans, id_list, label_list))
             for block, inputs in zip(blocks, per_image, strict=True):
                 pixel_offsets.append(pixel_offsets[-1] + self.family.pixel_rows(self.config, len(block), inputs))
         pixel_values = batch.get("pixel_values")
@@ -124,7 +125,9 @@ class BatchSplitter:
                 f"{pixel_offsets[-1]} rows of pixel_values, but it has {pixel_values.shape[0]}."
             )
         samples = []
-        for row, (index, (visible, ids, labels, numbers, spans)) in enumerate(zip(indices, rows, strict=True)):
+        for row, (index, (visible, ids, labels, numbers, spans, id_list, label_list)) in enumerate(
+            zip(indices, rows, strict=True)
+        ):
             inputs: dict[str, torch.Tensor] = {"input_ids": ids[None], "labels": labels[None]}
             if numbers and pixel_values is not None:
                 inputs["pixel_values"] = pixel_values[pixel_offsets[numbers.start] : pixel_offsets[numbers.stop]]
@@ -138,7 +141,7 @@ class BatchSplitter:
             if positions is not None:  # (rows, B, L) multimodal rope positions or (B, L)
                 selected = positions[:, row : row + 1] if positions.dim() == 3 else positions[row : row + 1]
                 inputs["position_ids"] = selected[..., visible]
-            samples.append(SampleInputs(int(index), inputs, spans))
+            samples.append(SampleInputs(int(index), inputs, spans, id_list, label_list))
         return samples
 
     def per_token(self, values: torch.Tensor, length: int) -> torch.Tensor:

@@ -174,16 +174,19 @@ def feature_indices(
 ) -> tuple[list[torch.Tensor], int]:
     """For each row, the indices into the micro-batch's image features of the image tokens it keeps, in order; and
     the number of image tokens in the micro-batch."""
-    first, cursor, ordinals = [], 0, []
+    numbers, cursor = [], 0  # per sample: position -> its image token's number in the micro-batch (host lists)
     for sample in samples:
-        is_image = sample.model_inputs["input_ids"][0] == image_token_id
-        first.append(cursor)
-        ordinals.append(torch.where(is_image, torch.cumsum(is_image, 0) - 1, -1))
-        cursor += int(is_image.sum())
+        number = {}
+        for position, token in enumerate(sample.host_ids()):
+            if token == image_token_id:
+                number[position] = cursor
+                cursor += 1
+        numbers.append(number)
     indices = []
     for row in rows:
-        ordinal = ordinals[row.sample][row.keep.to(ordinals[row.sample].device)]
-        indices.append(first[row.sample] + ordinal[ordinal >= 0])
+        number = numbers[row.sample]
+        kept = [number[position] for position in row.keep.tolist() if position in number]
+        indices.append(torch.tensor(kept, dtype=torch.long))
     return indices, cursor
 
 

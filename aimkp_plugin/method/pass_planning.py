@@ -38,7 +38,7 @@ class Row:
 
 def needs_reference_step(sample: SampleInputs, hidden: Sequence[int]) -> bool:
     """True when a hidden token directly precedes an answer token (then dropping it would change a prediction)."""
-    labels = sample.labels[0].tolist()
+    labels = sample.host_labels()
     return any(position + 1 < len(labels) and labels[position + 1] != IGNORE_INDEX for position in hidden)
 
 

@@ -16,6 +16,7 @@ Pure Python and torch; nothing here imports the data layer, a model family or LL
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -69,19 +70,36 @@ class ModalitySpans:
 
 @dataclass
 class SampleInputs:
-    """One unpadded sample: ``model_inputs`` hold batch-of-one tensors (input_ids, labels, pixel inputs, ...)."""
+    """One unpadded sample: ``model_inputs`` hold batch-of-one tensors (input_ids, labels, pixel inputs, ...).
+
+    ``ids_on_host`` and ``labels_on_host`` are the same ``input_ids`` and ``labels`` as Python lists, given by whoever
+    split the batch (it read them already), so that the step's bookkeeping never reads a device tensor; when not
+    given they are read once, on first use."""
 
     index: int
     model_inputs: dict[str, torch.Tensor]
     spans: ModalitySpans
+    ids_on_host: list[int] | None = field(default=None, repr=False, compare=False)
+    labels_on_host: list[int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def labels(self) -> torch.Tensor:
         return self.model_inputs["labels"]
 
-    @property
+    def host_ids(self) -> list[int]:
+        if self.ids_on_host is None:
+            self.ids_on_host = self.model_inputs["input_ids"][0].tolist()
+        return self.ids_on_host
+
+    def host_labels(self) -> list[int]:
+        if self.labels_on_host is None:
+            self.labels_on_host = self.labels[0].tolist()
+        return self.labels_on_host
+
+    @functools.cached_property
     def num_answer_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+        """The answer tokens a loss reads: labels after the first position that are not ``IGNORE_INDEX``."""
+        return sum(label != IGNORE_INDEX for label in self.host_labels()[1:])
 
 
 @dataclass
