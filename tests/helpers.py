@@ -365,7 +365,7 @@ def deleting(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[None]:
                 kwargs[name] = kwargs[name][:, :, keep]
         return args, kwargs
 
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = language_model_of(model).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
