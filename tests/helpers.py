@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
@@ -150,6 +151,17 @@ def run_llamafactory(
         result = run()
         result.stdout = f"{first}\n[tests] the run above was repeated after a rank's exit abort:\n{result.stdout}"
     return result
+
+
+def run_side_by_side(runs: dict[str, dict], workdir: Path) -> dict[str, subprocess.CompletedProcess]:
+    """``llamafactory-cli train`` on each named config, two at a time with one thread each (runs that only compare
+    results with one another: all of them see the same thread count); name -> result."""
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        return run_llamafactory(runs[name], workdir / f"{name}_config", OMP_NUM_THREADS="1")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(runs, pool.map(run, runs), strict=True))
 
 
 def exit_abort_after_training(result: subprocess.CompletedProcess, env: dict[str, str]) -> bool:

@@ -20,6 +20,7 @@ from .helpers import (
     images_of,
     read_state,
     run_llamafactory,
+    run_side_by_side,
     template_of,
 )
 
@@ -151,13 +152,12 @@ def test_resume_gives_the_uninterrupted_result(
 def test_gradient_accumulation_equals_one_big_batch(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ):
-    for name, batch, accumulation in (("big", 4, 1), ("accumulated", 2, 2), ("single", 1, 4)):
-        out = tmp_path / name
-        config = aimkp_config(
+    configs = {
+        name: aimkp_config(
             tiny_models["llava"],
             "llava",
             cmkp_workspace,
-            out,
+            tmp_path / name,
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=accumulation,
             aimkp_init_stride=2,
@@ -166,7 +166,9 @@ def test_gradient_accumulation_equals_one_big_batch(
             save_strategy="no",
             logging_steps=1,
         )
-        result = llamafactory_runner(config)
+        for name, batch, accumulation in (("big", 4, 1), ("accumulated", 2, 2), ("single", 1, 4))
+    }
+    for result in run_side_by_side(configs, tmp_path).values():
         assert result.returncode == 0, result.stdout[-4000:]
     for name in ("accumulated", "single"):
         assert read_state(tmp_path / name) == read_state(tmp_path / "big")

@@ -161,12 +161,11 @@ def test_input_setting_shapes_the_prompt(setting: str, tiny_models: dict, cmkp_w
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_predict_in_three_settings_and_score(family: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path):
     """The shipped predict recipes' setting key, on the tiny model: each setting predicts and scores."""
-    from .helpers import run_llamafactory
+    from .helpers import run_side_by_side
 
     template = {"llava": "llava", "qwen2_vl": "qwen2_vl"}[family]
-    for setting in ("full", "text_only", "image_only"):
-        out = tmp_path / setting
-        config = {
+    configs = {
+        setting: {
             "model_name_or_path": str(tiny_models[family]),
             "stage": "sft",
             "do_predict": True,
@@ -177,7 +176,7 @@ def test_predict_in_three_settings_and_score(family: str, tiny_models: dict, cmk
             "template": template,
             "cutoff_len": 512,
             "max_samples": 3,
-            "output_dir": str(out),
+            "output_dir": str(tmp_path / setting),
             "overwrite_output_dir": True,
             "per_device_eval_batch_size": 3,
             "predict_with_generate": True,
@@ -185,8 +184,11 @@ def test_predict_in_three_settings_and_score(family: str, tiny_models: dict, cmk
             "report_to": "none",
             "aimkp_input_setting": setting,
         }
-        result = run_llamafactory(config, tmp_path / f"config_{setting}")
+        for setting in ("full", "text_only", "image_only")
+    }
+    for setting, result in run_side_by_side(configs, tmp_path).items():
         assert result.returncode == 0, result.stdout[-3000:]
+        out = tmp_path / setting
         rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").open()]
         assert len(rows) == 3
         image_marker = "<image>" if family == "llava" else "<|image_pad|>"

@@ -13,7 +13,7 @@ import torch
 
 from aimkp_plugin.data.cmkp import iter_records
 
-from .helpers import REPO, TRAIN_PATCHES, read_trace, subprocess_env, tiny_train_config
+from .helpers import REPO, TRAIN_PATCHES, read_trace, run_side_by_side, subprocess_env, tiny_train_config
 
 
 pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli
@@ -230,11 +230,14 @@ def test_projector_learning_rate_zero_keeps_the_projector_and_trains_the_rest(
     common = {"additional_target": "multi_modal_projector,lm_head", "max_steps": 2, "aimkp": aimkp, "optim": "sgd"}
     common |= {"aimkp_filter": False} if aimkp else {}
     outputs = {name: tmp_path / name for name in ("zero", "same", "none")}
-    for name, extra in (("zero", {"aimkp_projector_lr": 0}), ("same", {"aimkp_projector_lr": 1.0e-3}), ("none", {})):
-        config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, outputs[name], **common, **extra)
-        result = llamafactory_runner(config)
+    extras = {"zero": {"aimkp_projector_lr": 0}, "same": {"aimkp_projector_lr": 1.0e-3}, "none": {}}
+    configs = {
+        name: tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, outputs[name], **common, **extra)
+        for name, extra in extras.items()
+    }
+    for name, result in run_side_by_side(configs, tmp_path).items():
         assert result.returncode == 0, result.stdout[-4000:]
-        if extra:
+        if extras[name]:
             assert "projector tensors train at lr" in result.stdout
     base = projector_tensors(tiny_models["llava"])
     trained = projector_tensors(outputs["zero"])
