@@ -533,11 +533,7 @@ FIVE_STEP_RUNS = [
     pytest.param(family, setup, marks=[pytest.mark.compat] if setup == "batch4" else [])
     for family in FAMILY_INPUTS
     if family != "qwen2_5_vl"
-    for setup in (
-        TRAINING_SETUPS
-        if family in ("llava", "qwen2_vl", "internvl", "gemma3")
-        else ["batch4"]
-    )
+    for setup in (TRAINING_SETUPS if family in ("llava", "qwen2_vl", "internvl", "gemma3") else ["batch4"])
     if setup not in QUANTIZED_SETUPS
 ] + [("llava", setup) for setup in QUANTIZED_SETUPS]
 
