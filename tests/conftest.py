@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,12 +15,19 @@ import pytest
 from aimkp_plugin.data.cmkp import iter_records
 from aimkp_plugin.data.demo import write_post_images
 
-from .helpers import CMKP, FAMILY_NAMES, JSON_SUBSET, TINY_DIR, WIDE_IMAGE, run_llamafactory, subprocess_env
+from .helpers import CMKP, FAMILY_NAMES, JSON_SUBSET, TINY_DIR, WIDE_IMAGE, WarmCli, run_llamafactory, subprocess_env
 
 
 for _key, _value in subprocess_env().items():  # the in-process LLaMA-Factory calls see the same setup
     if _key in ("HF_HOME", "HF_DATASETS_CACHE", "MPLCONFIGDIR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
         os.environ.setdefault(_key, _value)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_cli() -> Iterator[None]:
+    """The warm ``llamafactory-cli`` (``helpers.WarmCli``) starts with the first run it takes and stops here."""
+    yield
+    WarmCli.stop_shared()
 
 
 @pytest.fixture(scope="session")

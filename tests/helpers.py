@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -125,19 +129,27 @@ def llamafactory_data(model: Path, template: str, dataset_dir: Path, out: Path, 
 def run_llamafactory(
     config: dict | Path, workdir: Path, *cli_overrides: str, timeout: int = 600, **env: str
 ) -> subprocess.CompletedProcess:
-    """Run ``llamafactory-cli train CONFIG`` as a user would; ``config`` is a dict (written as YAML) or a file."""
+    """Run ``llamafactory-cli train CONFIG`` as a user would; ``config`` is a dict (written as YAML) or a file.
+
+    A run whose environment differs from a user's shell only in ``cli_server.RUNTIME_VARIABLES`` goes to the warm
+    CLI (``WarmCli``): the same entry point in the same environment, without importing LLaMA-Factory anew. Every
+    other run (``FORCE_TORCHRUN``, DeepSpeed's variables) starts the ``llamafactory-cli`` script itself."""
     if isinstance(config, dict):
         path = workdir / "config.yaml"
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config))
     else:
         path = config
+    argv = ["llamafactory-cli", "train", str(path), *cli_overrides]
 
     def run() -> subprocess.CompletedProcess:
+        run_env = subprocess_env(**env)
+        if WarmCli.takes(run_env):
+            return WarmCli.shared().run(argv, REPO, run_env, workdir, timeout)
         return subprocess.run(
-            ["llamafactory-cli", "train", str(path), *cli_overrides],
+            argv,
             cwd=REPO,
-            env=subprocess_env(**env),
+            env=run_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,  # LLaMA-Factory logs to stdout, Python errors go to stderr: read them together
             text=True,
@@ -151,6 +163,86 @@ def run_llamafactory(
         result = run()
         result.stdout = f"{first}\n[tests] the run above was repeated after a rank's exit abort:\n{result.stdout}"
     return result
+
+
+class WarmCli:
+    """The client of ``tests/cli_server.py``: one server per test session, started on the first run it takes and
+    stopped by the session fixture ``warm_cli``. ``AIMKP_TESTS_COLD_CLI=1`` sends every run to the script instead."""
+
+    _shared: WarmCli | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.env = subprocess_env()
+        script = shutil.which("llamafactory-cli", path=self.env["PATH"])
+        if script is None:
+            raise RuntimeError("llamafactory-cli is not on PATH: run the tests in the venv (make test)")
+        python = Path(script).read_text().splitlines()[0].removeprefix("#!").strip()
+        self.folder = Path(tempfile.mkdtemp(prefix="aimkp-warm-cli-"))
+        self.socket = str(self.folder / "cli.sock")
+        self.process = subprocess.Popen(
+            [python, str(Path(__file__).with_name("cli_server.py")), self.socket],
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        first = self.process.stdout.readline()
+        if first.strip() != "ready":
+            self.process.kill()
+            raise RuntimeError(f"the warm llamafactory-cli did not start: {first}{self.process.stdout.read()}")
+        self.count = 0
+
+    @staticmethod
+    def takes(env: dict[str, str]) -> bool:
+        if os.environ.get("AIMKP_TESTS_COLD_CLI") == "1":
+            return False
+        from .cli_server import RUNTIME_VARIABLES
+
+        base = subprocess_env()
+        keys = (set(env) | set(base)) - set(RUNTIME_VARIABLES)
+        return all(env.get(key) == base.get(key) for key in keys)
+
+    @classmethod
+    def shared(cls) -> WarmCli:
+        with cls._lock:
+            if cls._shared is None or cls._shared.process.poll() is not None:
+                cls._shared = cls()
+            return cls._shared
+
+    @classmethod
+    def stop_shared(cls) -> None:
+        with cls._lock:
+            if cls._shared is not None:
+                cls._shared.process.kill()
+                cls._shared.process.wait()
+                shutil.rmtree(cls._shared.folder, ignore_errors=True)
+                cls._shared = None
+
+    def run(
+        self, argv: list[str], cwd: Path, env: dict[str, str], workdir: Path, timeout: int
+    ) -> subprocess.CompletedProcess:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self.count += 1
+            log = workdir / f"llamafactory-cli-{self.count}.log"
+        request = {"argv": argv, "cwd": str(cwd), "env": env, "log": str(log)}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.connect(self.socket)
+            connection.settimeout(timeout)
+            connection.sendall((json.dumps(request) + "\n").encode())
+            replies = connection.makefile("r")
+            pid = int(replies.readline())
+            try:
+                status = replies.readline()
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(argv, timeout, output=log.read_text(errors="replace")) from None
+        output = log.read_text(errors="replace")
+        if not status.strip():  # the child died without reporting (a signal)
+            return subprocess.CompletedProcess(argv, -9, stdout=output + "\n[tests] the warm CLI's child died\n")
+        return subprocess.CompletedProcess(argv, int(status), stdout=output)
 
 
 def run_side_by_side(runs: dict[str, dict], workdir: Path) -> dict[str, subprocess.CompletedProcess]:
