@@ -87,13 +87,14 @@ class AimkpArguments:
             "as one pass); cutoff_len caps activations at the reference's one-sequence passes, more runs faster."
         },
     )
-    aimkp_fast_buffer_mb: int = field(
-        default=1024,
+    aimkp_fast_buffer_mb: int | str = field(
+        default="auto",
         metadata={
             "help": "For aimkp_impl: fast, the most memory in MiB the per-copy gradient buffer may take (one float32 "
             "row of all trained parameters per copy). The micro-batch is trained in groups of samples whose copies "
             "fit, each group's share added before the next (exact); a sample whose copies alone need more forms a "
-            "group of its own. 0: no limit."
+            "group of its own. auto: on a GPU, half the free device memory, and at most half of what the model, "
+            "its gradients and optimizer state hold when the step starts; elsewhere 1024. 0: no limit."
         },
     )
     aimkp_fast_share_prefix: str | bool = field(
@@ -149,10 +150,18 @@ class AimkpArguments:
         if self.aimkp_fast_max_tokens < 0:
             value = self.aimkp_fast_max_tokens
             raise AimkpConfigError(f"aimkp_fast_max_tokens must be an integer >= 0 (0: automatic), got {value}.")
-        self.aimkp_fast_buffer_mb = _to_int("aimkp_fast_buffer_mb", self.aimkp_fast_buffer_mb)
-        if self.aimkp_fast_buffer_mb < 0:
-            value = self.aimkp_fast_buffer_mb
-            raise AimkpConfigError(f"aimkp_fast_buffer_mb must be an integer >= 0 (0: no limit), got {value}.")
+        value_before = self.aimkp_fast_buffer_mb
+        if isinstance(self.aimkp_fast_buffer_mb, str) and self.aimkp_fast_buffer_mb.strip() == "auto":
+            self.aimkp_fast_buffer_mb = "auto"
+        else:
+            try:
+                self.aimkp_fast_buffer_mb = _to_int("aimkp_fast_buffer_mb", self.aimkp_fast_buffer_mb)
+            except AimkpConfigError:
+                self.aimkp_fast_buffer_mb = -1
+            if self.aimkp_fast_buffer_mb < 0:
+                raise AimkpConfigError(
+                    f"aimkp_fast_buffer_mb must be auto or an integer >= 0 (MiB; 0: no limit), got {value_before!r}."
+                )
         if not (isinstance(self.aimkp_fast_share_prefix, str) and self.aimkp_fast_share_prefix.strip() == "auto"):
             try:
                 self.aimkp_fast_share_prefix = to_bool("aimkp_fast_share_prefix", self.aimkp_fast_share_prefix)

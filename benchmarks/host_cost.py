@@ -10,7 +10,8 @@ alike, every sample at γ, not frozen) are ``benchmarks/step_cost.py``'s: a tiny
 loader with LoRA r8 on all linear layers of the language model, the projector trained and gradient checkpointing on.
 The fast step plans its passes as on an accelerator, whatever device this runs on: its cap on a pass's padded tokens
 (``max_tokens_per_forward``) is :func:`~aimkp_plugin.method.pass_planning.default_max_tokens` for a non-CPU device,
-the per-copy gradient buffer is bounded by the trainer's default ``aimkp_fast_buffer_mb: 1024`` (``--buffer-mb``), and
+the per-copy gradient buffer is bounded by 1024 MiB (``--buffer-mb``; what ``aimkp_fast_buffer_mb: auto`` gives off a
+GPU, where free device memory cannot be read), and
 the shared prefix is off (what ``aimkp_fast_share_prefix: auto`` resolves to on an accelerator).
 
 Each step runs once unmeasured, then once under a ``TorchDispatchMode`` that counts every ATen op it dispatches

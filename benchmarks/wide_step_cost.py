@@ -2,7 +2,7 @@
 per-device batch sizes 1, 2, 4 and 8.
 
     python benchmarks/wide_step_cost.py [--layers 2] [--vision-layers 2] [--batches 1,2,4,8] [--stride 2]
-                                        [--repeats R] [--buffer-mb 1024] [--max-tokens 0] [--device cpu|cuda]
+                                        [--repeats R] [--buffer-mb auto] [--max-tokens 0] [--device cpu|cuda]
                                         [--dtype bf16|fp32] [--bf16] [--out FILE]
 
 The CPU result in ``benchmarks/results/cpu/wide_step_cost.json`` comes from
@@ -23,14 +23,14 @@ model (``lora_target: all``), the projector trained (``additional_target: multi_
 frozen, gradient checkpointing on, trainable parameters in float32. The batches are the first B demo CMKP posts
 (576 image tokens and 28–54 post-text tokens each).
 
-For each batch size, on the same model and batch: the seconds of one plain SFT step, one reference AimKP step and
-one fast AimKP step (every sample at text and image stride γ, so three rows per sample; the fast step with the
-training default ``aimkp_fast_buffer_mb: 1024``) and their ratios; the peak memory of each step, in all
-(``peak_mem_bytes``, ``peak_mem_fast_over_sft``: what decides whether a run fits) and above the step's start
-(``peak_mem_above_start_*``: the model, the trained parameters and the previous step's gradients left out); the fast
-step's per-row gradient buffer (``buffer_bytes``: trainable parameters × 4 bytes × rows of the micro-batch, all rows
-at once, as without a budget; ``buffer_bytes_held``: the most the fast step holds at a time under the budget, the
-rows of its largest group of samples); the token counts.
+For each batch size, on the same model and batch: the seconds of one plain SFT step, one reference AimKP step and one
+fast AimKP step (every sample at text and image stride γ, so three rows per sample; the fast step with the training
+default ``aimkp_fast_buffer_mb: auto``, sized from the device's memory when each step starts) and their ratios; the
+peak memory of each step, in all (``peak_mem_bytes``, ``peak_mem_fast_over_sft``: what decides whether a run fits) and
+above the step's start (``peak_mem_above_start_*``: the model, the trained parameters and the previous step's gradients
+left out); the fast step's per-row gradient buffer (``buffer_bytes``: trainable parameters × 4 bytes × rows of the
+micro-batch, all rows at once, as without a budget; ``buffer_bytes_held``: the most the fast step holds at a time under
+the budget, the rows of its largest group of samples); the token counts.
 
 - CUDA: as ``step_cost.py``: the median of ``--repeats`` (default 10) interleaved runs after one warm-up each, and
   the allocator's peak (in all, and above the step's start).
@@ -186,11 +186,15 @@ def parameter_counts(model: Any) -> dict[str, int]:
 
 def buffer_sizes(bench: StepBench, stride: int) -> dict[str, Any]:
     """The fast step's per-row gradient buffer: all rows at once, and what its grouping under the budget holds."""
-    from aimkp_plugin.method.pass_planning import buffer_groups, plan_rows
+    from aimkp_plugin.method.pass_planning import auto_buffer_bytes, buffer_groups, plan_rows
+    from aimkp_plugin.method.types import AUTO_BUFFER
 
     rows, _ = plan_rows(bench.samples, bench.state_at(stride), bench.config)
     row_bytes = sum(parameter.numel() for parameter in bench.layout.parameters) * BYTES_PER_ROW_ELEMENT
-    groups = buffer_groups(rows, row_bytes, bench.max_buffer_bytes)
+    budget = bench.max_buffer_bytes
+    if budget == AUTO_BUFFER:
+        budget = auto_buffer_bytes(torch.device(bench.device))
+    groups = buffer_groups(rows, row_bytes, budget)
     rows_per_group = [sum(row.sample in group for row in rows) for group in groups]
     return {
         "rows_fast": len(rows),
@@ -198,6 +202,7 @@ def buffer_sizes(bench: StepBench, stride: int) -> dict[str, Any]:
         "buffer_bytes": row_bytes * len(rows),
         "buffer_bytes_held": row_bytes * max(rows_per_group, default=0),
         "buffer_groups": [len(group) for group in groups],  # samples per group, one forward/backward set each
+        "buffer_budget_bytes_resolved": budget,
     }
 
 
@@ -269,7 +274,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=2, help="γ of every sample, text and image alike")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per step (default: CPU 1, CUDA 10)")
     parser.add_argument("--lora-rank", type=int, default=128, help="LoRA rank (alpha: twice the rank)")
-    parser.add_argument("--buffer-mb", type=int, default=1024, help="aimkp_fast_buffer_mb (0: no limit)")
+    parser.add_argument("--buffer-mb", default="auto", help="aimkp_fast_buffer_mb: auto, or MiB (0: no limit)")
     parser.add_argument("--max-tokens", type=int, default=0, help="aimkp_fast_max_tokens (0: automatic)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and compute")
@@ -281,7 +286,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     batches = [int(value) for value in options.batches.split(",")]
     repeats = options.repeats or (10 if options.device == "cuda" else 1)
-    buffer_budget = options.buffer_mb * 2**20 or None
+    buffer_budget = "auto" if options.buffer_mb == "auto" else int(options.buffer_mb) * 2**20 or None
     bf16 = options.dtype == "bf16"
 
     spec = WideSpec(options.layers, options.vision_layers, "bfloat16" if bf16 else "float32")

@@ -84,10 +84,12 @@ def test_shared_prefix_with_lora_dropout_is_refused_before_the_model_loads() -> 
 
 
 def test_fast_buffer_budget_is_a_non_negative_integer_in_mib() -> None:
-    assert parse_aimkp_arguments({}).aimkp_fast_buffer_mb == 1024
+    assert parse_aimkp_arguments({}).aimkp_fast_buffer_mb == "auto"
     assert parse_aimkp_arguments({"aimkp_fast_buffer_mb": "0"}).aimkp_fast_buffer_mb == 0
-    with pytest.raises(AimkpConfigError, match=r"aimkp_fast_buffer_mb must be an integer >= 0"):
-        parse_aimkp_arguments({"aimkp_fast_buffer_mb": -5})
+    assert parse_aimkp_arguments({"aimkp_fast_buffer_mb": 1024}).aimkp_fast_buffer_mb == 1024
+    for wrong in (-5, "lots"):
+        with pytest.raises(AimkpConfigError, match=r"aimkp_fast_buffer_mb must be auto or an integer >= 0"):
+            parse_aimkp_arguments({"aimkp_fast_buffer_mb": wrong})
 
 
 def test_projector_learning_rate_is_a_non_negative_number() -> None:

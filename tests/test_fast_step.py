@@ -418,7 +418,14 @@ def test_pairs_share_passes_of_their_own() -> None:
 def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> None:
     """``max_buffer_bytes`` small enough for one sample's copies: the micro-batch is trained in 4 groups, each group's
     share added to ``.grad`` before the next; cosines, decisions, states and ``.grad`` are those of one group."""
-    from aimkp_plugin.method.pass_planning import buffer_groups, plan_rows
+    from aimkp_plugin.method.pass_planning import (
+        CPU_BUFFER_BYTES,
+        auto_buffer_bytes,
+        buffer_budget,
+        buffer_groups,
+        plan_rows,
+    )
+    from aimkp_plugin.method.types import AUTO_BUFFER
 
     model, samples, config, tokens = case
     layout = layout_of(model)
@@ -426,7 +433,14 @@ def test_buffer_budget_of_one_sample_per_group_gives_the_same_result(case) -> No
     row_bytes = sum(parameter.numel() for parameter in layout.parameters) * 8  # float64
     assert buffer_groups(rows, row_bytes, 3 * row_bytes) == [[0], [1], [2], [3]]
     assert buffer_groups(rows, row_bytes, None) == [[0, 1, 2, 3]]
+    assert auto_buffer_bytes(torch.device("cpu")) == CPU_BUFFER_BYTES  # aimkp_fast_buffer_mb: auto on a CPU
+    assert buffer_budget(free_bytes=10 * 2**30, allocated_bytes=4 * 2**30) == 2 * 2**30  # half the model's state
+    assert buffer_budget(free_bytes=2**30, allocated_bytes=4 * 2**30) == 2**29  # half the free memory
     expected, _, expected_state, expected_grads = run_fast(model, samples, config, tokens)
+    automatic = run_fast(model, samples, config, tokens, max_buffer_bytes=AUTO_BUFFER)
+    assert summary(automatic[0]) == summary(expected) and automatic[2].to_dict() == expected_state.to_dict()
+    for auto, whole in zip(automatic[3], expected_grads, strict=True):
+        torch.testing.assert_close(auto, whole, rtol=0, atol=0)
     outcomes, left, state, grads = run_fast(model, samples, config, tokens, max_buffer_bytes=3 * row_bytes)
     assert left == [] and summary(outcomes) == summary(expected) and state.to_dict() == expected_state.to_dict()
     for fast, one_group in zip(outcomes, expected, strict=True):

@@ -34,7 +34,7 @@ from ..method.family_interface import FastStepUnsupportedError
 from ..method.fast_layout import FastStepLayout, fast_step_layout, resolve_share_prefix
 from ..method.fast_step import fast_batch_step
 from ..method.step import reference_sample_step
-from ..method.types import IGNORE_INDEX, SampleInputs, SampleOutcome, StepConfig
+from ..method.types import AUTO_BUFFER, IGNORE_INDEX, SampleInputs, SampleOutcome, StepConfig
 from . import patching
 from .args import active_arguments
 from .batches import BatchSplitter
@@ -88,7 +88,9 @@ def step_config(arguments: AimkpArguments) -> StepConfig:
         filtering=arguments.aimkp_filter,
         progressive=arguments.aimkp_progressive,
         max_tokens_per_forward=arguments.aimkp_fast_max_tokens or None,
-        max_buffer_bytes=arguments.aimkp_fast_buffer_mb * 2**20 or None,
+        max_buffer_bytes=(
+            AUTO_BUFFER if arguments.aimkp_fast_buffer_mb == "auto" else arguments.aimkp_fast_buffer_mb * 2**20 or None
+        ),
         share_prefix=arguments.share_prefix,
     )
 

@@ -48,41 +48,48 @@ from torch import nn
 
 from .family_interface import FastStepFamily
 from .fast_layout import FastStepLayout, checkpointing_paused, resolve_share_prefix
-from .filtering import cosine_from_products, keep_copy, variant_weight
-from .pass_planning import Pass, Row, buffer_groups, default_max_tokens, plan_passes, plan_rows
+from .filtering import cosines_from_gram, keep_copy, variant_weight
+from .pass_planning import Pass, Row, auto_buffer_bytes, buffer_groups, default_max_tokens, plan_passes, plan_rows
 from .row_gradients import RowGradients
 from .shared_prefix import PackedPass, sharing_prefixes
 from .state import CurriculumState
-from .types import IGNORE_INDEX, ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfig
+from .types import AUTO_BUFFER, IGNORE_INDEX, ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfig
 from .variants import predicted_loss_sums, update_curriculum
 
 
 def padded_inputs(
     family: FastStepFamily, samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """``input_ids``, ``labels``, ``attention_mask`` and ``position_ids`` of rows, right-padded to the longest; every
-    kept token keeps its original position ids (all rope rows of a multimodal rope)."""
+    kept token keeps its original position ids (all rope rows of a multimodal rope). Ids, labels and mask are laid
+    out on the host from the samples' host lists and copied to ``device`` once each; also returns the positions that
+    predict an answer token (:func:`predicting_positions`), read from the same host lists."""
     length = max(len(row.keep) for row in rows)
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=device)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+    host_ids, host_labels, host_mask = [], [], []
+    for row in rows:
+        keep = row.keep.tolist()
+        ids, labels, pad = samples[row.sample].host_ids(), samples[row.sample].host_labels(), length - len(keep)
+        host_ids.append([ids[position] for position in keep] + [0] * pad)
+        host_labels.append([labels[position] for position in keep] + [IGNORE_INDEX] * pad)
+        host_mask.append([1] * len(keep) + [0] * pad)
     positions = [family.position_ids(samples[row.sample]) for row in rows]
     leading = positions[0].shape[:-2]  # () for (1, L); (3,) or (4,) for a multimodal rope's (P, 1, L)
     position_ids = torch.zeros(*leading, len(rows), length, dtype=torch.long, device=device)
     for index, row in enumerate(rows):
-        inputs, count = samples[row.sample].model_inputs, len(row.keep)
-        keep = row.keep.to(inputs["input_ids"].device)
-        input_ids[index, :count] = inputs["input_ids"][0, keep]
-        labels[index, :count] = inputs["labels"][0, keep]
-        attention_mask[index, :count] = 1
-        position_ids[..., index, :count] = positions[index][..., 0, :].to(device)[..., keep.to(device)]
-    return input_ids, labels, attention_mask, position_ids
+        count = len(row.keep)
+        position_ids[..., index, :count] = positions[index][..., 0, :].to(device)[..., row.keep.to(device)]
+    input_ids = torch.tensor(host_ids, dtype=torch.long).to(device)
+    labels = torch.tensor(host_labels, dtype=torch.long).to(device)
+    attention_mask = torch.tensor(host_mask, dtype=torch.long).to(device)
+    return input_ids, labels, attention_mask, position_ids, predicting_positions(host_labels)
 
 
-def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
-    """The positions (1-D, ascending) whose next token is an answer token in at least one row of ``labels``: the only
-    logits a loss reads. Every other position's logits get no gradient, so leaving them out changes no number."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+def predicting_positions(labels: Sequence[Sequence[int]]) -> list[int]:
+    """The positions (ascending) whose next token is an answer token in at least one row of ``labels`` (host lists
+    of equal length): the only logits a loss reads. Every other position's logits get no gradient, so leaving them
+    out changes no number."""
+    length = len(labels[0]) if labels else 0
+    return [position for position in range(length - 1) if any(row[position + 1] != IGNORE_INDEX for row in labels)]
 
 
 def fast_batch_step(
@@ -98,9 +105,10 @@ def fast_batch_step(
     Returns the outcomes of the samples it trained (in micro-batch order) and the positions of the samples it left
     to the reference step (see the module docstring); the caller runs those. The knobs come from ``config``:
     ``max_tokens_per_forward`` caps a pass's padded tokens (None: :func:`~.pass_planning.default_max_tokens`);
-    ``max_buffer_bytes`` bounds the per-copy gradient buffer: the samples are then trained in groups whose copies
-    fit, each group's share added to ``.grad`` before the next (the sum is the same; each sample's cosines only
-    involve its own copies); ``share_prefix`` runs each original and its text copy with their shared prefix computed
+    ``max_buffer_bytes`` bounds the per-copy gradient buffer (``AUTO_BUFFER``: sized when the step starts, by
+    :func:`~.pass_planning.auto_buffer_bytes`): the samples are then trained in groups whose copies fit, each
+    group's share added to ``.grad`` before the next (the sum is the same; each sample's cosines only involve its own
+    copies); ``share_prefix`` runs each original and its text copy with their shared prefix computed
     once per decoder layer (:mod:`~aimkp_plugin.method.shared_prefix`); None: on a CPU without dropout, the pairs
     whose prefix pays (:func:`~.fast_layout.resolve_share_prefix`).
     """
@@ -116,7 +124,10 @@ def fast_batch_step(
         share_from = resolve_share_prefix(layout, config.share_prefix, device)
         buffer_dtype = torch.promote_types(layout.parameters[0].dtype, torch.float32)
         row_bytes = sum(parameter.numel() for parameter in layout.parameters) * buffer_dtype.itemsize
-        for group in buffer_groups(rows, row_bytes, config.max_buffer_bytes):
+        budget = config.max_buffer_bytes
+        if budget == AUTO_BUFFER:
+            budget = auto_buffer_bytes(device)
+        for group in buffer_groups(rows, row_bytes, budget):
             slot = {position: index for index, position in enumerate(group)}
             group_rows = [replace(row, sample=slot[row.sample]) for row in rows if row.sample in slot]
             group_rows, passes = plan_passes(group_rows, max_tokens_per_forward, share_from)
@@ -149,24 +160,33 @@ def train_rows(
     """Every row's gradient, the copies' cosines and keep decisions (into ``outcomes``, by sample position), and
     ``Σ_i n_i / |K_i| / N · Σ_{v ∈ K_i} g_{i,v}`` over these samples added into ``.grad``."""
     gradients, loss_sums = variant_gradients(layout, samples, rows, passes)
-    gram, losses = gradients.gram().cpu(), loss_sums.tolist()  # one transfer each, then plain reads
-    weights = torch.zeros(len(rows), dtype=gram.dtype)
     original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
+    copies = [index for index, row in enumerate(rows) if row.name != ORIGINAL]
+    device = gradients.flat.device
+    cosines = cosines_from_gram(
+        gradients.gram(),
+        torch.tensor([original_row[rows[index].sample] for index in copies], dtype=torch.long).to(device),
+        torch.tensor(copies, dtype=torch.long).to(device),
+    )
+    # the keep decisions' one read of the device: every row's loss and every copy's cosine, in one transfer
+    values = torch.cat([loss_sums.to(torch.float64), cosines.to(torch.float64)]).tolist()
+    losses, cosine_of = values[: len(rows)], dict(zip(copies, values[len(rows) :], strict=True))
+    weights = [0.0] * len(rows)
     kept_rows: dict[int, list[int]] = {position: [index] for position, index in original_row.items()}
     for index, row in enumerate(rows):
         if row.name == ORIGINAL:
             outcomes[row.sample].original_loss_sum = losses[index]
             continue
-        first = original_row[row.sample]
-        cosine = cosine_from_products(gram[first, index], gram[first, first], gram[index, index])
+        cosine = cosine_of[index]
         decision = keep_copy(cosine, config.thresholds[row.name], config.filtering)
         outcomes[row.sample].copies.append(CopyOutcome(row.name, row.stride, cosine, decision))
         if decision:
             kept_rows[row.sample].append(index)
     for position, indices in kept_rows.items():
         share = samples[position].num_answer_tokens * variant_weight(len(indices)) / total_answer_tokens
-        weights[indices] = share
-    gradients.add_combination_into_grad(weights.to(gradients.flat.device))
+        for index in indices:
+            weights[index] = share
+    gradients.add_combination_into_grad(torch.tensor(weights, dtype=gradients.flat.dtype).to(device))
 
 
 def feature_indices(
@@ -270,7 +290,8 @@ def run_pass(
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
     group = forward.rows
-    input_ids, labels, attention_mask, position_ids = padded_inputs(family, samples, rows[group], device)
+    input_ids, labels, attention_mask, position_ids, predicting = padded_inputs(family, samples, rows[group], device)
+    predicting = torch.tensor(predicting, dtype=torch.long).to(device)
     inputs_embeds = embedding(input_ids)
     image_mask = input_ids == family.image_token_id(model.config)
     values = features.pass_values(group, device)
@@ -283,7 +304,6 @@ def run_pass(
     if not inputs_embeds.requires_grad:
         inputs_embeds.requires_grad_(True)  # frozen embeddings and projector: the graph starts here
     gradients.rows, gradients.tokens = group, input_ids.shape[1]
-    predicting = predicting_positions(labels)
     sharing = nullcontext()
     if forward.pairs:
         lengths = [len(row.keep) for row in rows[group]]

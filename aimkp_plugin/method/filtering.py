@@ -42,6 +42,15 @@ def cosine_from_products(dot: torch.Tensor, first_sq: torch.Tensor, second_sq: t
     return float(dot / (first_sq.sqrt() * second_sq.sqrt()))
 
 
+def cosines_from_gram(gram: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """cos_k = G[a_k, b_k] / (√G[a_k, a_k] · √G[b_k, b_k]) for the row pairs ``(first[k], second[k])`` of a Gram
+    matrix ``G`` (``G[r, s] = <g_r, g_s>``), on ``G``'s device and in its dtype; NaN where a product is not finite or a
+    norm is zero. Elementwise, the same operations as :func:`cosine_from_products` on each pair."""
+    dot, first_sq, second_sq = gram[first, second], gram[first, first], gram[second, second]
+    valid = dot.isfinite() & first_sq.isfinite() & second_sq.isfinite() & (first_sq != 0) & (second_sq != 0)
+    return torch.where(valid, dot / (first_sq.sqrt() * second_sq.sqrt()), torch.full_like(dot, math.nan))
+
+
 def keep_copy(cosine: float, threshold: float, filtering: bool = True) -> bool:
     """Whether a masked copy updates the model: c ≥ τ (NaN never); always, when filtering is off."""
     return True if not filtering else cosine >= threshold

@@ -101,8 +101,10 @@ def group_lengths(lengths: list[int], max_tokens: int) -> list[slice]:
 
 def shared_prefix_length(keep: torch.Tensor) -> int:
     """How many leading positions a copy keeps unchanged (its shared prefix with the original)."""
-    changed = (keep != torch.arange(len(keep))).nonzero()
-    return int(changed[0]) if len(changed) else len(keep)
+    for index, position in enumerate(keep.tolist()):
+        if position != index:
+            return index
+    return len(keep)
 
 
 @dataclass
@@ -179,6 +181,28 @@ def default_max_tokens(samples: Sequence[SampleInputs], rows: Sequence[Row], dev
     (both measured in docs/benchmarks.md)."""
     together = max(Counter(row.sample for row in rows).values()) if device.type != "cpu" else 1
     return max(len(samples), together) * max(len(row.keep) for row in rows)
+
+
+CPU_BUFFER_BYTES = 1024 * 2**20  # aimkp_fast_buffer_mb: auto off an accelerator (the earlier fixed default)
+
+
+def buffer_budget(free_bytes: int, allocated_bytes: int) -> int:
+    """``aimkp_fast_buffer_mb: auto`` on an accelerator: ``min(free / 2, allocated / 2)``. ``free``: the device's
+    free memory; ``allocated``: what the model, its gradients and optimizer state hold when the step starts (before
+    any pass). The other half of the free memory is left to the passes' activations, and the buffer adds at most half
+    of what plain SFT already holds before its forward: with passes no larger than SFT's forward, the step's peak
+    stays within 1.5× SFT's."""
+    return max(min(free_bytes, allocated_bytes) // 2, 0)
+
+
+def auto_buffer_bytes(device: torch.device) -> int:
+    """The per-copy gradient buffer's budget for ``aimkp_fast_buffer_mb: auto`` on ``device``: on CUDA
+    :func:`buffer_budget` of ``torch.cuda.mem_get_info`` and ``torch.cuda.memory_allocated`` now; elsewhere
+    ``CPU_BUFFER_BYTES``."""
+    if device.type != "cuda":
+        return CPU_BUFFER_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return buffer_budget(free, torch.cuda.memory_allocated(device))
 
 
 def buffer_groups(rows: Sequence[Row], row_bytes: int, max_buffer_bytes: int | None) -> list[list[int]]:

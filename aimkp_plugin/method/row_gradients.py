@@ -53,7 +53,11 @@ class RowGradients:
     def add(self, parameter: nn.Parameter, rows: slice | torch.Tensor, per_row: torch.Tensor) -> None:
         """Add ``per_row`` (``(len(rows), *parameter.shape)``) into the rows' slots of ``parameter``."""
         start, stop = self.offsets[id(parameter)]
-        self.flat[rows, start:stop] += per_row.reshape(per_row.shape[0], -1).to(self.flat.dtype)
+        values = per_row.reshape(per_row.shape[0], -1).to(self.flat.dtype)
+        if isinstance(rows, slice):
+            self.flat[rows, start:stop].add_(values)  # in place into the buffer's view: no read-back and copy
+        else:  # distinct rows
+            self.flat[:, start:stop].index_add_(0, rows, values)
 
     def hook_linear_layers(self, modules: Sequence[nn.Linear]) -> RowGradients:
         """Register the forward hooks on ``modules`` (each owns trainable parameters listed in this buffer), and on
@@ -122,7 +126,7 @@ class RowGradients:
         delta = gradient.reshape(count, -1, gradient.shape[-1])
         inputs = activations.reshape(count, -1, activations.shape[-1]).to(delta.dtype)
         if module.weight.requires_grad:
-            self.add(module.weight, rows, torch.einsum("rto,rti->roi", delta, inputs))
+            self.add(module.weight, rows, torch.bmm(delta.transpose(1, 2), inputs))  # Σ_t δ[r, t] x[r, t]ᵀ
         if module.bias is not None and module.bias.requires_grad:
             self.add(module.bias, rows, delta.sum(dim=1))
 

@@ -7,7 +7,7 @@ copy's gradient with the original's):
 - γ > 1 and c > τ → γ = 2γ;
 - γ > 1 and c ≤ τ → frozen, γ = max(γ/2, 2) from then on.
 
-A frozen modality keeps being masked at its frozen stride and filtered. Pure torch and JSON.
+A frozen modality keeps being masked at its frozen stride and filtered. Plain Python and JSON (tensors on request).
 """
 
 from __future__ import annotations
@@ -56,33 +56,47 @@ def next_modality_state(
 
 
 class CurriculumState:
-    """Strides and frozen flags of every training sample, as (N, 2) tensors indexed [sample, modality]."""
+    """Strides and frozen flags of every training sample, indexed [sample][modality], and each sample's last visited
+    epoch. Held as Python lists: the step reads and writes single entries on the host, with no tensor op; ``stride``,
+    ``frozen`` and ``last_epoch`` give them as (N, 2), (N, 2) and (N,) tensors."""
 
     def __init__(self, num_samples: int, init_stride: int, fingerprints: list[str] | None = None) -> None:
         self.init_stride = init_stride
-        self.stride = torch.full((num_samples, 2), init_stride, dtype=torch.long)
-        self.frozen = torch.zeros((num_samples, 2), dtype=torch.bool)
+        self._stride = [[init_stride, init_stride] for _ in range(num_samples)]
+        self._frozen = [[False, False] for _ in range(num_samples)]
         self.fingerprints = list(fingerprints) if fingerprints is not None else [""] * num_samples
-        self.last_epoch = torch.full((num_samples,), -1, dtype=torch.long)  # epoch of each sample's last visit
+        self._last_epoch = [-1] * num_samples  # epoch of each sample's last visit
 
     def __len__(self) -> int:
-        return self.stride.shape[0]
+        return len(self._stride)
+
+    @property
+    def stride(self) -> torch.Tensor:
+        return torch.tensor(self._stride, dtype=torch.long).reshape(len(self), 2)
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        return torch.tensor(self._frozen, dtype=torch.bool).reshape(len(self), 2)
+
+    @property
+    def last_epoch(self) -> torch.Tensor:
+        return torch.tensor(self._last_epoch, dtype=torch.long)
 
     def get(self, index: int, modality: str) -> ModalityState:
         column = MODALITY_INDEX[modality]
-        return ModalityState(int(self.stride[index, column]), bool(self.frozen[index, column]))
+        return ModalityState(self._stride[index][column], self._frozen[index][column])
 
     def set(self, index: int, modality: str, state: ModalityState) -> None:
         column = MODALITY_INDEX[modality]
-        self.stride[index, column] = state.stride
-        self.frozen[index, column] = state.frozen
+        self._stride[index][column] = int(state.stride)
+        self._frozen[index][column] = bool(state.frozen)
 
     def apply(self, updates: list[tuple[int, str, ModalityState]], visits: list[tuple[int, int]] = ()) -> None:
         """Apply stride updates and ``(index, epoch)`` visits made elsewhere (another rank)."""
         for index, modality, state in updates:
             self.set(index, modality, state)
         for index, epoch in visits:
-            self.last_epoch[index] = max(int(self.last_epoch[index]), epoch)
+            self._last_epoch[index] = max(self._last_epoch[index], int(epoch))
 
     def first_visit(self, index: int, epoch: int) -> bool:
         """Record a visit; False when the sample was already visited in this epoch.
@@ -90,9 +104,9 @@ class CurriculumState:
         A distributed sampler may repeat samples to give every rank an equal share of the last step; such a repeat
         trains as usual but does not move the curriculum a second time in the same epoch.
         """
-        if int(self.last_epoch[index]) >= epoch:
+        if self._last_epoch[index] >= epoch:
             return False
-        self.last_epoch[index] = epoch
+        self._last_epoch[index] = int(epoch)
         return True
 
     def summary(self) -> dict[str, float]:
@@ -115,11 +129,11 @@ class CurriculumState:
             "init_stride": self.init_stride,
             "num_samples": len(self),
             "fingerprint": self.fingerprints,
-            "text_stride": self.stride[:, 0].tolist(),
-            "text_frozen": self.frozen[:, 0].tolist(),
-            "image_stride": self.stride[:, 1].tolist(),
-            "image_frozen": self.frozen[:, 1].tolist(),
-            "last_epoch": self.last_epoch.tolist(),
+            "text_stride": [row[0] for row in self._stride],
+            "text_frozen": [row[0] for row in self._frozen],
+            "image_stride": [row[1] for row in self._stride],
+            "image_frozen": [row[1] for row in self._frozen],
+            "last_epoch": list(self._last_epoch),
         }
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -151,9 +165,9 @@ class CurriculumState:
         for target, (text_stride, text_frozen, image_stride, image_frozen, epoch) in zip(targets, saved, strict=True):
             if target < 0:
                 continue
-            self.stride[target] = torch.tensor([text_stride, image_stride])
-            self.frozen[target] = torch.tensor([text_frozen, image_frozen])
-            self.last_epoch[target] = epoch
+            self._stride[target] = [int(text_stride), int(image_stride)]
+            self._frozen[target] = [bool(text_frozen), bool(image_frozen)]
+            self._last_epoch[target] = int(epoch)
             restored += 1
         if restored == 0 and len(self):
             raise StateMismatchError(

@@ -102,18 +102,21 @@ class SampleInputs:
         return sum(label != IGNORE_INDEX for label in self.host_labels()[1:])
 
 
+AUTO_BUFFER = "auto"  # StepConfig.max_buffer_bytes: sized from the device's memory
+
+
 @dataclass
 class StepConfig:
     """What a step is asked to do (the spec's settings), and the fast step's knobs, which never change a number:
-    ``max_tokens_per_forward`` (None: automatic), ``max_buffer_bytes`` (None: no limit) and ``share_prefix`` (None:
-    automatic)."""
+    ``max_tokens_per_forward`` (None: automatic), ``max_buffer_bytes`` (None: no limit; ``AUTO_BUFFER``: from the
+    device's memory, :func:`~.pass_planning.auto_buffer_bytes`) and ``share_prefix`` (None: automatic)."""
 
     modalities: Sequence[str]
     thresholds: dict[str, float]
     filtering: bool = True
     progressive: bool = True
     max_tokens_per_forward: int | None = None
-    max_buffer_bytes: int | None = None
+    max_buffer_bytes: int | str | None = None
     share_prefix: bool | None = None
 
 

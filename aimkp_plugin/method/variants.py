@@ -57,9 +57,8 @@ def hidden_keys_for(spans: ModalitySpans, modality: str, stride: int) -> list[in
 
 def kept_positions(length: int, hidden: list[int]) -> torch.Tensor:
     """The positions ``0..length-1`` that a copy hiding ``hidden`` keeps, ascending (long)."""
-    keep = torch.ones(length, dtype=torch.bool)
-    keep[hidden] = False
-    return keep.nonzero().squeeze(1)
+    hidden_set = set(hidden)
+    return torch.tensor([position for position in range(length) if position not in hidden_set], dtype=torch.long)
 
 
 def span_present(spans: ModalitySpans, modality: str) -> bool:
