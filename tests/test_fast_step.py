@@ -671,3 +671,52 @@ def test_llama4_loss_has_no_router_term_even_when_asked(
     )
     assert float(output.loss) == pytest.approx(float(cross_entropy), rel=1e-12)
     assert float(asked) == pytest.approx(float(cross_entropy), rel=1e-12)
+
+
+def test_staged_indices_come_back_on_the_device_as_they_were_laid_out() -> None:
+    from aimkp_plugin.method.staging import StagedIndices
+
+    staged = StagedIndices()
+    flat, rows, shaped = staged.add([3, 1, 2]), staged.add([[1, 2], [3, 4]]), staged.add(list(range(6)), (3, 1, 2))
+    empty = staged.add([])
+    with pytest.raises(RuntimeError, match="read before send"):
+        staged[flat]
+    with pytest.raises(ValueError, match="do not fill the shape"):
+        staged.add([1, 2, 3], (2, 2))
+    staged.send(torch.device("cpu"))
+    assert staged[flat].tolist() == [3, 1, 2] and staged[rows].tolist() == [[1, 2], [3, 4]]
+    assert torch.equal(staged[shaped], torch.arange(6).view(3, 1, 2)) and staged[empty].shape == (0,)
+    with pytest.raises(RuntimeError, match="add after send"):
+        staged.add([1])
+
+
+@pytest.mark.parametrize("leading", [(), (3,)])
+def test_position_ids_gathered_on_the_device_equal_those_laid_out_on_the_host(leading: tuple[int, ...]) -> None:
+    """The fast step lays a pass's position ids out on the host when the samples' are there, and gathers them on the
+    device otherwise (a multimodal rope computed on the accelerator): both give the same tensor."""
+    from aimkp_plugin.method.fast_step import GroupIndices, PassIndices, host_position_ids, pass_position_ids
+    from aimkp_plugin.method.pass_planning import Row
+    from aimkp_plugin.method.staging import StagedIndices
+
+    torch.manual_seed(0)
+    tables = [torch.randint(0, 50, (*leading, 1, length)) for length in (9, 7)]  # two samples' position ids
+
+    class Positions:
+        def position_ids(self, sample: int) -> torch.Tensor:
+            return tables[sample]
+
+    rows = [Row(0, "original", 1, torch.arange(9)), Row(1, "text", 2, torch.tensor([0, 2, 3, 6])),
+            Row(0, "image", 2, torch.tensor([1, 4, 5, 8]))]  # fmt: skip
+    staged = StagedIndices()
+    ids = staged.add([[0] * 9] * 3)
+    host = staged.add(host_position_ids(tables[:1] + tables[1:2] + tables[:1], rows, 9), (*leading, 3, 9))
+    keep = [staged.add(row.keep.tolist()) for row in rows]
+    staged.send(torch.device("cpu"))
+    indices = GroupIndices(staged, [], keep, [], [], 0, {}, (0, 0), [])
+    cpu = torch.device("cpu")
+    on_host, on_device = (
+        pass_position_ids(Positions(), [0, 1, 0], rows, slice(0, 3), indices, PassIndices(ids, 0, 0, 0, 0, at), cpu)
+        for at in (host, None)  # laid out on the host; gathered on the device
+    )
+    assert on_host.shape == (*leading, 3, 9) and torch.equal(on_host, on_device)
+    assert on_host[..., 1, :4].tolist() == tables[1][..., 0, [0, 2, 3, 6]].tolist()

@@ -52,18 +52,17 @@ from .filtering import cosines_from_gram, keep_copy, variant_weight
 from .pass_planning import Pass, Row, auto_buffer_bytes, buffer_groups, default_max_tokens, plan_passes, plan_rows
 from .row_gradients import RowGradients
 from .shared_prefix import PackedPass, sharing_prefixes
+from .staging import StagedIndices
 from .state import CurriculumState
 from .types import AUTO_BUFFER, IGNORE_INDEX, ORIGINAL, CopyOutcome, SampleInputs, SampleOutcome, StepConfig
 from .variants import predicted_loss_sums, update_curriculum
 
 
-def padded_inputs(
-    family: FastStepFamily, samples: Sequence[SampleInputs], rows: Sequence[Row], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """``input_ids``, ``labels``, ``attention_mask`` and ``position_ids`` of rows, right-padded to the longest; every
-    kept token keeps its original position ids (all rope rows of a multimodal rope). Ids, labels and mask are laid
-    out on the host from the samples' host lists and copied to ``device`` once each; also returns the positions that
-    predict an answer token (:func:`predicting_positions`), read from the same host lists."""
+def host_pass_inputs(
+    samples: Sequence[SampleInputs], rows: Sequence[Row]
+) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[int]]:
+    """``input_ids``, ``labels`` and ``attention_mask`` of rows, right-padded to the longest, as host lists from the
+    samples' host lists; and the positions that predict an answer token (:func:`predicting_positions`)."""
     length = max(len(row.keep) for row in rows)
     host_ids, host_labels, host_mask = [], [], []
     for row in rows:
@@ -72,16 +71,19 @@ def padded_inputs(
         host_ids.append([ids[position] for position in keep] + [0] * pad)
         host_labels.append([labels[position] for position in keep] + [IGNORE_INDEX] * pad)
         host_mask.append([1] * len(keep) + [0] * pad)
-    positions = [family.position_ids(samples[row.sample]) for row in rows]
-    leading = positions[0].shape[:-2]  # () for (1, L); (3,) or (4,) for a multimodal rope's (P, 1, L)
-    position_ids = torch.zeros(*leading, len(rows), length, dtype=torch.long, device=device)
-    for index, row in enumerate(rows):
-        count = len(row.keep)
-        position_ids[..., index, :count] = positions[index][..., 0, :].to(device)[..., row.keep.to(device)]
-    input_ids = torch.tensor(host_ids, dtype=torch.long).to(device)
-    labels = torch.tensor(host_labels, dtype=torch.long).to(device)
-    attention_mask = torch.tensor(host_mask, dtype=torch.long).to(device)
-    return input_ids, labels, attention_mask, position_ids, predicting_positions(host_labels)
+    return host_ids, host_labels, host_mask, predicting_positions(host_labels)
+
+
+def host_position_ids(positions: Sequence[torch.Tensor], rows: Sequence[Row], length: int) -> list[int]:
+    """Position ids of rows as one flat host list in the layout ``(*leading, rows, length)`` (zero-padded), from each
+    row's sample's host position ids (``(1, L)``, or ``(P, 1, L)`` for a multimodal rope) at its kept positions."""
+    per_row = []
+    for position_ids, row in zip(positions, rows, strict=True):
+        table = position_ids[..., 0, :].tolist()  # (L,) or (P, L)
+        keep = row.keep.tolist()
+        lanes = [table] if position_ids.dim() == 2 else table
+        per_row.append([[lane[index] for index in keep] + [0] * (length - len(keep)) for lane in lanes])
+    return [value for lane in range(len(per_row[0])) for row in per_row for value in row[lane]]
 
 
 def predicting_positions(labels: Sequence[Sequence[int]]) -> list[int]:
@@ -159,15 +161,11 @@ def train_rows(
 ) -> None:
     """Every row's gradient, the copies' cosines and keep decisions (into ``outcomes``, by sample position), and
     ``Σ_i n_i / |K_i| / N · Σ_{v ∈ K_i} g_{i,v}`` over these samples added into ``.grad``."""
-    gradients, loss_sums = variant_gradients(layout, samples, rows, passes)
+    indices = stage_group(layout, samples, rows, passes)  # every index on the device before the first forward
+    gradients, loss_sums = variant_gradients(layout, samples, rows, passes, indices)
     original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
-    copies = [index for index, row in enumerate(rows) if row.name != ORIGINAL]
-    device = gradients.flat.device
-    cosines = cosines_from_gram(
-        gradients.gram(),
-        torch.tensor([original_row[rows[index].sample] for index in copies], dtype=torch.long).to(device),
-        torch.tensor(copies, dtype=torch.long).to(device),
-    )
+    copies, device = indices.copies, gradients.flat.device
+    cosines = cosines_from_gram(gradients.gram(), indices[indices.pairs[0]], indices[indices.pairs[1]])
     # the keep decisions' one read of the device: every row's loss and every copy's cosine, in one transfer
     values = torch.cat([loss_sums.to(torch.float64), cosines.to(torch.float64)]).tolist()
     losses, cosine_of = values[: len(rows)], dict(zip(copies, values[len(rows) :], strict=True))
@@ -191,7 +189,7 @@ def train_rows(
 
 def feature_indices(
     samples: Sequence[SampleInputs], rows: Sequence[Row], image_token_id: int
-) -> tuple[list[torch.Tensor], int]:
+) -> tuple[list[list[int]], int]:
     """For each row, the indices into the micro-batch's image features of the image tokens it keeps, in order; and
     the number of image tokens in the micro-batch."""
     numbers, cursor = [], 0  # per sample: position -> its image token's number in the micro-batch (host lists)
@@ -205,29 +203,105 @@ def feature_indices(
     indices = []
     for row in rows:
         number = numbers[row.sample]
-        kept = [number[position] for position in row.keep.tolist() if position in number]
-        indices.append(torch.tensor(kept, dtype=torch.long))
+        indices.append([number[position] for position in row.keep.tolist() if position in number])
     return indices, cursor
+
+
+@dataclass
+class PassIndices:
+    """One pass's staged tensors (handles into :class:`GroupIndices`' staging): ids, labels and attention mask
+    ``(rows, length)``, the answer-predicting positions, each row's answer-token count, and the position ids when
+    they were laid out on the host (``(*leading, rows, length)``; None: gathered on the device from each row's kept
+    positions)."""
+
+    input_ids: int
+    labels: int
+    attention_mask: int
+    predicting: int
+    tokens: int
+    position_ids: int | None
+
+
+@dataclass
+class GroupIndices:
+    """Every index a group of rows needs on the device, staged from the host lists before the group's first forward
+    and sent in one copy (:class:`~.staging.StagedIndices`): per pass (:class:`PassIndices`), per row its kept
+    positions and image-feature indices, per sample its rows, and the Gram matrix's (original, copy) row pairs."""
+
+    staged: StagedIndices
+    passes: list[PassIndices]
+    keep: list[int]
+    features: list[int]
+    feature_counts: list[int]
+    image_tokens: int
+    sample_rows: dict[int, tuple[list[int], int]]
+    pairs: tuple[int, int]
+    copies: list[int]
+
+    def __getitem__(self, handle: int) -> torch.Tensor:
+        return self.staged[handle]
+
+
+def stage_group(
+    layout: FastStepLayout, samples: Sequence[SampleInputs], rows: list[Row], passes: Sequence[Pass]
+) -> GroupIndices:
+    """Lay out on the host, and send to the device in one copy, every index the group's passes, vision backward and
+    cosines read (:class:`GroupIndices`)."""
+    model, family = layout.model, layout.family
+    device = model.get_input_embeddings().weight.device
+    staged = StagedIndices()
+    features, image_tokens = feature_indices(samples, rows, family.image_token_id(model.config))
+    pass_indices = []
+    for forward in passes:
+        group_rows = rows[forward.rows]
+        ids, labels, mask, predicting = host_pass_inputs(samples, group_rows)
+        positions = [family.position_ids(samples[row.sample]) for row in group_rows]
+        position_handle = None
+        if all(position_ids.device.type == "cpu" for position_ids in positions):
+            leading = tuple(positions[0].shape[:-2])
+            flat = host_position_ids(positions, group_rows, len(ids[0]))
+            position_handle = staged.add(flat, (*leading, len(group_rows), len(ids[0])))
+        tokens = [samples[row.sample].num_answer_tokens for row in group_rows]
+        handles = [staged.add(values) for values in (ids, labels, mask, predicting, tokens)]
+        pass_indices.append(PassIndices(*handles, position_handle))
+    by_sample: dict[int, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_sample.setdefault(row.sample, []).append(index)
+    original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
+    copies = [index for index, row in enumerate(rows) if row.name != ORIGINAL]
+    indices = GroupIndices(
+        staged=staged,
+        passes=pass_indices,
+        keep=[staged.add(row.keep.tolist()) for row in rows],
+        features=[staged.add(kept) for kept in features],
+        feature_counts=[len(kept) for kept in features],
+        image_tokens=image_tokens,
+        sample_rows={sample: (members, staged.add(members)) for sample, members in by_sample.items()},
+        pairs=(staged.add([original_row[rows[index].sample] for index in copies]), staged.add(copies)),
+        copies=copies,
+    )
+    staged.send(device)
+    return indices
 
 
 @dataclass
 class PassFeatures:
     """A micro-batch's image features as the passes read them: ``shared`` (the token features first, then the
     extras), which of them carry a gradient to trained vision parameters (``traced``), and for each row the indices
-    of the features it keeps and, once its pass ran, its own leaf copies of them (``leaves``, whose ``.grad`` the
-    pass's backward fills)."""
+    of the features it keeps (on the device) and, once its pass ran, its own leaf copies of them (``leaves``, whose
+    ``.grad`` the pass's backward fills)."""
 
     shared: list[torch.Tensor]
     traced: list[int]
     indices: list[torch.Tensor]
     leaves: list[list[torch.Tensor]] = field(default_factory=list)
 
-    def pass_values(self, rows: slice, device: torch.device) -> list[torch.Tensor]:
+    def pass_values(self, rows: slice) -> list[torch.Tensor]:
         """Each shared tensor's kept rows for the rows of one pass, concatenated in row order (fresh leaves)."""
         if not self.shared:
             return []
         for index in range(rows.start, rows.stop):
-            kept = self.indices[index].to(device)
+            kept = self.indices[index]
             self.leaves[index] = [
                 tensor.detach()[kept].requires_grad_(k in self.traced) for k, tensor in enumerate(self.shared)
             ]
@@ -237,7 +311,9 @@ class PassFeatures:
         ]
 
 
-def encode_features(layout: FastStepLayout, samples: Sequence[SampleInputs], rows: Sequence[Row]) -> PassFeatures:
+def encode_features(
+    layout: FastStepLayout, samples: Sequence[SampleInputs], rows: Sequence[Row], indices: GroupIndices
+) -> PassFeatures:
     """The micro-batch's images encoded once (with the graph to the trained vision parameters, if any), and which
     features each row keeps; stops when the image tokens and the features disagree in number."""
     model, family = layout.model, layout.family
@@ -250,14 +326,13 @@ def encode_features(layout: FastStepLayout, samples: Sequence[SampleInputs], row
         features.tokens = features.tokens.to(model.get_input_embeddings().weight.dtype)
     shared = features.shared if features is not None else []
     traced = [k for k, tensor in enumerate(shared) if trains_vision and tensor.requires_grad]  # not frozen mergers
-    indices, image_tokens = feature_indices(samples, rows, family.image_token_id(model.config))
-    if shared and any(image_tokens != tensor.shape[0] for tensor in shared):
+    if shared and any(indices.image_tokens != tensor.shape[0] for tensor in shared):
         counts = [tensor.shape[0] for tensor in shared]
         raise RuntimeError(
-            f"aimkp fast step ({family.name}): {image_tokens} image tokens in the micro-batch but image features of "
-            f"{counts} rows."
+            f"aimkp fast step ({family.name}): {indices.image_tokens} image tokens in the micro-batch but image "
+            f"features of {counts} rows."
         )
-    return PassFeatures(shared, traced, indices, [[] for _ in rows])
+    return PassFeatures(shared, traced, [indices[handle] for handle in indices.features], [[] for _ in rows])
 
 
 @contextmanager
@@ -282,22 +357,25 @@ def run_pass(
     forward: Pass,
     features: PassFeatures,
     gradients: RowGradients,
+    indices: GroupIndices,
+    staged: PassIndices,
 ) -> torch.Tensor:
     """One forward and one backward of the rows of ``forward``: each row's gradient of its mean answer cross-entropy
     into ``gradients`` (the hooked Linear layers) and into its feature leaves; returns the rows' summed losses. The
-    pairs that the pass names share their prefix."""
+    pairs that the pass names share their prefix. Every index comes from ``staged`` (already on the device)."""
     model, family = layout.model, layout.family
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
     group = forward.rows
-    input_ids, labels, attention_mask, position_ids, predicting = padded_inputs(family, samples, rows[group], device)
-    predicting = torch.tensor(predicting, dtype=torch.long).to(device)
+    input_ids, labels = indices[staged.input_ids], indices[staged.labels]
+    attention_mask, predicting = indices[staged.attention_mask], indices[staged.predicting]
+    position_ids = pass_position_ids(family, samples, rows, group, indices, staged, device)
     inputs_embeds = embedding(input_ids)
     image_mask = input_ids == family.image_token_id(model.config)
-    values = features.pass_values(group, device)
+    values = features.pass_values(group)
     extras = values[1:]
     if family.cross_attention_images:  # the features are the keys of cross-attention, beside the embeddings
-        counts = [(row, len(kept)) for row, kept in zip(rows[group], features.indices[group], strict=True)]
+        counts = [(row, count) for row, count in zip(rows[group], indices.feature_counts[group], strict=True)]
         extras = [*values, hidden_key_rows(counts, values[0].shape[1], device)] if values else []
     elif values and values[0].shape[0]:
         inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], values[0])
@@ -314,11 +392,32 @@ def run_pass(
             model, inputs_embeds, attention_mask, position_ids, image_mask, extras, predicting
         )
     sums = predicted_loss_sums(logits, labels[:, predicting + 1])
-    tokens = torch.tensor(
-        [samples[row.sample].num_answer_tokens for row in rows[group]], dtype=sums.dtype, device=device
-    )
-    (sums / tokens).sum().backward()
+    (sums / indices[staged.tokens].to(sums.dtype)).sum().backward()
     return sums.detach()
+
+
+def pass_position_ids(
+    family: FastStepFamily,
+    samples: Sequence[SampleInputs],
+    rows: list[Row],
+    group: slice,
+    indices: GroupIndices,
+    staged: PassIndices,
+    device: torch.device,
+) -> torch.Tensor:
+    """The pass's position ids ``(*leading, rows, length)``: every kept token keeps its original position ids (all
+    rope rows of a multimodal rope). Laid out on the host when the samples' position ids are there, else gathered on
+    the device from each row's kept positions."""
+    if staged.position_ids is not None:
+        return indices[staged.position_ids]
+    length = indices[staged.input_ids].shape[1]
+    positions = [family.position_ids(samples[row.sample]) for row in rows[group]]
+    leading = positions[0].shape[:-2]  # () for (1, L); (3,) or (4,) for a multimodal rope's (P, 1, L)
+    position_ids = torch.zeros(*leading, len(positions), length, dtype=torch.long, device=device)
+    for slot, index in enumerate(range(group.start, group.stop)):
+        keep = indices[indices.keep[index]]
+        position_ids[..., slot, : keep.shape[0]] = positions[slot][..., 0, :].to(device)[..., keep]
+    return position_ids
 
 
 def hidden_key_rows(rows: Sequence[tuple[Row, int]], keys_per_image: int, device: torch.device) -> torch.Tensor:
@@ -336,7 +435,11 @@ def hidden_key_rows(rows: Sequence[tuple[Row, int]], keys_per_image: int, device
 
 
 def vision_backward(
-    layout: FastStepLayout, rows: Sequence[Row], features: PassFeatures, gradients: RowGradients
+    layout: FastStepLayout,
+    rows: Sequence[Row],
+    features: PassFeatures,
+    gradients: RowGradients,
+    indices: GroupIndices,
 ) -> None:
     """The trained vision parameters' share of every row's gradient: the rows' gradients with respect to their
     feature leaves, scattered into the shared features' shape, pushed back through the vision graph in one vmapped
@@ -347,17 +450,19 @@ def vision_backward(
     for index, row in enumerate(rows):
         if leaves[index] and any(leaves[index][k].grad is not None for k in traced):
             by_sample.setdefault(row.sample, []).append(index)
-    for count, sample_rows in enumerate(by_sample.values(), start=1):
+    for count, (sample, sample_rows) in enumerate(by_sample.items(), start=1):
         cotangents = [
             torch.zeros(len(sample_rows), *shared[k].shape, dtype=shared[k].dtype, device=device) for k in traced
         ]
         for slot, index in enumerate(sample_rows):
             for cotangent, k in zip(cotangents, traced, strict=True):
                 if leaves[index][k].grad is not None:
-                    cotangent[slot, features.indices[index].to(device)] = leaves[index][k].grad
+                    cotangent[slot, features.indices[index]] = leaves[index][k].grad
+        members, handle = indices.sample_rows[sample]
+        row_index = indices[handle] if members == sample_rows else torch.tensor(sample_rows).to(device)
         retain = count < len(by_sample)
         gradients.add_through(
-            [shared[k] for k in traced], layout.vision_parameters, sample_rows, cotangents, retain_graph=retain
+            [shared[k] for k in traced], layout.vision_parameters, row_index, cotangents, retain_graph=retain
         )
 
 
@@ -366,21 +471,23 @@ def variant_gradients(
     samples: Sequence[SampleInputs],
     rows: list[Row],
     passes: Sequence[Pass],
+    indices: GroupIndices,
 ) -> tuple[RowGradients, torch.Tensor]:
     """Every row's gradient of its mean answer cross-entropy (in a :class:`RowGradients`) and its summed loss.
 
     ``.grad`` is left as it was. The images are encoded once (:func:`encode_features`), then one forward and one
-    backward per pass (:func:`run_pass`, ``passes`` of ``rows`` from :func:`~.pass_planning.plan_passes`), and the
-    vision side's share of each row's gradient comes last (:func:`vision_backward`).
+    backward per pass (:func:`run_pass`, ``passes`` of ``rows`` from :func:`~.pass_planning.plan_passes`, their
+    indices staged in ``indices``), and the vision side's share of each row's gradient comes last
+    (:func:`vision_backward`).
     """
     device = layout.model.get_input_embeddings().weight.device
     buffer_dtype = torch.promote_types(layout.parameters[0].dtype, torch.float32)
     gradients = RowGradients(layout.parameters, len(rows), buffer_dtype, device)
-    features = encode_features(layout, samples, rows)
+    features = encode_features(layout, samples, rows, indices)
     loss_sums = torch.zeros(len(rows), dtype=buffer_dtype, device=device)
     with grads_parked(layout.parameters), gradients.hook_linear_layers(layout.linear_modules):
-        for forward in passes:
-            loss_sums[forward.rows] = run_pass(layout, samples, rows, forward, features, gradients)
+        for forward, staged in zip(passes, indices.passes, strict=True):
+            loss_sums[forward.rows] = run_pass(layout, samples, rows, forward, features, gradients, indices, staged)
     if features.traced:
-        vision_backward(layout, rows, features, gradients)
+        vision_backward(layout, rows, features, gradients, indices)
     return gradients, loss_sums

@@ -134,7 +134,7 @@ class RowGradients:
         self,
         shared: Sequence[torch.Tensor],
         parameters: Sequence[nn.Parameter],
-        rows: list[int],
+        rows: torch.Tensor,
         row_gradients: Sequence[torch.Tensor],
         retain_graph: bool = True,
     ) -> None:
@@ -151,10 +151,9 @@ class RowGradients:
             allow_unused=True,
             retain_graph=retain_graph,
         )
-        index = torch.tensor(rows, device=self.flat.device)
         for parameter, per_row in zip(parameters, per_parameter, strict=True):
             if per_row is not None:
-                self.add(parameter, index, per_row)
+                self.add(parameter, rows, per_row)
 
     # reading
     def gram(self) -> torch.Tensor:
