@@ -6,10 +6,11 @@ line and a user's environment (``tests.helpers.subprocess_env``). The interprete
 environment's ``.pth`` files run, so the plugin's import hook is installed before LLaMA-Factory is imported and
 patches it on import, as in every ``llamafactory-cli train``. It then listens on the Unix socket ``SOCKET``; each
 connection carries one JSON request ``{"argv", "cwd", "env", "log"}`` and gets back the child's pid, then its exit
-status. The child takes the request's working directory, environment (the server refuses nothing: the client only
-sends runs whose environment differs from the server's in ``RUNTIME_VARIABLES``), thread count and argv, writes
-stdout and stderr to ``log`` and runs ``llamafactory-cli``'s ``main``. What stays shared is only what the parent
-imported; no child's state reaches another.
+status; it exits when the client's end of its standard input closes (the tests ended, however). The child takes the
+request's working directory, environment (the server refuses nothing: the client only sends runs whose environment
+differs from the server's only in ``RUNTIME_VARIABLES``), thread count and argv, writes stdout and stderr to ``log``
+and runs ``llamafactory-cli``'s ``main``. What stays shared is only what the parent imported; no child's state
+reaches another.
 
 Nothing here runs a tensor operation before forking: an OpenMP thread pool started in the parent would not survive
 the fork.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -48,6 +50,9 @@ def _run_child(connection: socket.socket, cli_main) -> None:
         request = json.loads(connection.makefile("r").readline())
         connection.sendall(f"{os.getpid()}\n".encode())
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server ignores it; a run's own subprocesses need it
+        quiet = os.open(os.devnull, os.O_RDONLY)  # not the client's pipe
+        os.dup2(quiet, 0)
+        os.close(quiet)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -90,15 +95,24 @@ def main(socket_path: str) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     server.listen(16)
+    events = selectors.DefaultSelector()
+    events.register(server, selectors.EVENT_READ)
+    events.register(0, selectors.EVENT_READ)  # the client's pipe: its end of file means the tests are gone
     print("ready", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     while True:
-        connection, _ = server.accept()
-        if os.fork() == 0:
-            server.close()
-            _run_child(connection, cli_main)
-        connection.close()
+        for key, _ in events.select():
+            if key.fileobj == 0:
+                if not os.read(0, 4096):
+                    os._exit(0)
+                continue
+            connection, _ = server.accept()
+            if os.fork() == 0:
+                server.close()
+                events.close()
+                _run_child(connection, cli_main)
+            connection.close()
 
 
 if __name__ == "__main__":

@@ -184,6 +184,7 @@ class WarmCli:
             [python, str(Path(__file__).with_name("cli_server.py")), self.socket],
             cwd=REPO,
             env=self.env,
+            stdin=subprocess.PIPE,  # the server exits when this closes, with the tests
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
