@@ -150,18 +150,19 @@ class AimkpArguments:
         if self.aimkp_fast_max_tokens < 0:
             value = self.aimkp_fast_max_tokens
             raise AimkpConfigError(f"aimkp_fast_max_tokens must be an integer >= 0 (0: automatic), got {value}.")
-        value_before = self.aimkp_fast_buffer_mb
-        if isinstance(self.aimkp_fast_buffer_mb, str) and self.aimkp_fast_buffer_mb.strip() == "auto":
+        value = self.aimkp_fast_buffer_mb
+        if isinstance(value, str) and value.strip() == "auto":
             self.aimkp_fast_buffer_mb = "auto"
         else:
+            wrong = AimkpConfigError(
+                f"aimkp_fast_buffer_mb must be auto or an integer >= 0 (MiB; 0: no limit), got {value!r}."
+            )
             try:
-                self.aimkp_fast_buffer_mb = _to_int("aimkp_fast_buffer_mb", self.aimkp_fast_buffer_mb)
+                self.aimkp_fast_buffer_mb = _to_int("aimkp_fast_buffer_mb", value)
             except AimkpConfigError:
-                self.aimkp_fast_buffer_mb = -1
+                raise wrong from None
             if self.aimkp_fast_buffer_mb < 0:
-                raise AimkpConfigError(
-                    f"aimkp_fast_buffer_mb must be auto or an integer >= 0 (MiB; 0: no limit), got {value_before!r}."
-                )
+                raise wrong
         if not (isinstance(self.aimkp_fast_share_prefix, str) and self.aimkp_fast_share_prefix.strip() == "auto"):
             try:
                 self.aimkp_fast_share_prefix = to_bool("aimkp_fast_share_prefix", self.aimkp_fast_share_prefix)

@@ -709,7 +709,8 @@ def test_position_ids_gathered_on_the_device_equal_those_laid_out_on_the_host(le
             Row(0, "image", 2, torch.tensor([1, 4, 5, 8]))]  # fmt: skip
     staged = StagedIndices()
     ids = staged.add([[0] * 9] * 3)
-    host = staged.add(host_position_ids(tables[:1] + tables[1:2] + tables[:1], rows, 9), (*leading, 3, 9))
+    keeps = [row.keep.tolist() for row in rows]
+    host = staged.add(host_position_ids(tables[:1] + tables[1:2] + tables[:1], keeps, 9), (*leading, 3, 9))
     keep = [staged.add(row.keep.tolist()) for row in rows]
     staged.send(torch.device("cpu"))
     indices = GroupIndices(staged, [], keep, [], [], 0, {}, (0, 0), [])

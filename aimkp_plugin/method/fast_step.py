@@ -59,14 +59,14 @@ from .variants import predicted_loss_sums, update_curriculum
 
 
 def host_pass_inputs(
-    samples: Sequence[SampleInputs], rows: Sequence[Row]
+    samples: Sequence[SampleInputs], rows: Sequence[Row], keeps: Sequence[list[int]]
 ) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[int]]:
-    """``input_ids``, ``labels`` and ``attention_mask`` of rows, right-padded to the longest, as host lists from the
-    samples' host lists; and the positions that predict an answer token (:func:`predicting_positions`)."""
-    length = max(len(row.keep) for row in rows)
+    """``input_ids``, ``labels`` and ``attention_mask`` of rows (each keeping the positions of ``keeps``), right-padded
+    to the longest, as host lists from the samples' host lists; and the positions that predict an answer token
+    (:func:`predicting_positions`)."""
+    length = max(len(keep) for keep in keeps)
     host_ids, host_labels, host_mask = [], [], []
-    for row in rows:
-        keep = row.keep.tolist()
+    for row, keep in zip(rows, keeps, strict=True):
         ids, labels, pad = samples[row.sample].host_ids(), samples[row.sample].host_labels(), length - len(keep)
         host_ids.append([ids[position] for position in keep] + [0] * pad)
         host_labels.append([labels[position] for position in keep] + [IGNORE_INDEX] * pad)
@@ -74,13 +74,13 @@ def host_pass_inputs(
     return host_ids, host_labels, host_mask, predicting_positions(host_labels)
 
 
-def host_position_ids(positions: Sequence[torch.Tensor], rows: Sequence[Row], length: int) -> list[int]:
+def host_position_ids(positions: Sequence[torch.Tensor], keeps: Sequence[list[int]], length: int) -> list[int]:
     """Position ids of rows as one flat host list in the layout ``(*leading, rows, length)`` (zero-padded), from each
-    row's sample's host position ids (``(1, L)``, or ``(P, 1, L)`` for a multimodal rope) at its kept positions."""
+    row's sample's host position ids (``(1, L)``, or ``(P, 1, L)`` for a multimodal rope) at its kept positions
+    (``keeps``)."""
     per_row = []
-    for position_ids, row in zip(positions, rows, strict=True):
+    for position_ids, keep in zip(positions, keeps, strict=True):
         table = position_ids[..., 0, :].tolist()  # (L,) or (P, L)
-        keep = row.keep.tolist()
         lanes = [table] if position_ids.dim() == 2 else table
         per_row.append([[lane[index] for index in keep] + [0] * (length - len(keep)) for lane in lanes])
     return [value for lane in range(len(per_row[0])) for row in per_row for value in row[lane]]
@@ -188,10 +188,10 @@ def train_rows(
 
 
 def feature_indices(
-    samples: Sequence[SampleInputs], rows: Sequence[Row], image_token_id: int
+    samples: Sequence[SampleInputs], rows: Sequence[Row], keeps: Sequence[list[int]], image_token_id: int
 ) -> tuple[list[list[int]], int]:
-    """For each row, the indices into the micro-batch's image features of the image tokens it keeps, in order; and
-    the number of image tokens in the micro-batch."""
+    """For each row (keeping the positions of ``keeps``), the indices into the micro-batch's image features of the
+    image tokens it keeps, in order; and the number of image tokens in the micro-batch."""
     numbers, cursor = [], 0  # per sample: position -> its image token's number in the micro-batch (host lists)
     for sample in samples:
         number = {}
@@ -201,9 +201,9 @@ def feature_indices(
                 cursor += 1
         numbers.append(number)
     indices = []
-    for row in rows:
+    for row, keep in zip(rows, keeps, strict=True):
         number = numbers[row.sample]
-        indices.append([number[position] for position in row.keep.tolist() if position in number])
+        indices.append([number[position] for position in keep if position in number])
     return indices, cursor
 
 
@@ -250,16 +250,17 @@ def stage_group(
     model, family = layout.model, layout.family
     device = model.get_input_embeddings().weight.device
     staged = StagedIndices()
-    features, image_tokens = feature_indices(samples, rows, family.image_token_id(model.config))
+    keeps = [row.keep.tolist() for row in rows]  # each row's kept positions, read from the host once
+    features, image_tokens = feature_indices(samples, rows, keeps, family.image_token_id(model.config))
     pass_indices = []
     for forward in passes:
-        group_rows = rows[forward.rows]
-        ids, labels, mask, predicting = host_pass_inputs(samples, group_rows)
+        group_rows, group_keeps = rows[forward.rows], keeps[forward.rows]
+        ids, labels, mask, predicting = host_pass_inputs(samples, group_rows, group_keeps)
         positions = [family.position_ids(samples[row.sample]) for row in group_rows]
         position_handle = None
         if all(position_ids.device.type == "cpu" for position_ids in positions):
             leading = tuple(positions[0].shape[:-2])
-            flat = host_position_ids(positions, group_rows, len(ids[0]))
+            flat = host_position_ids(positions, group_keeps, len(ids[0]))
             position_handle = staged.add(flat, (*leading, len(group_rows), len(ids[0])))
         tokens = [samples[row.sample].num_answer_tokens for row in group_rows]
         handles = [staged.add(values) for values in (ids, labels, mask, predicting, tokens)]
@@ -272,7 +273,7 @@ def stage_group(
     indices = GroupIndices(
         staged=staged,
         passes=pass_indices,
-        keep=[staged.add(row.keep.tolist()) for row in rows],
+        keep=[staged.add(keep) for keep in keeps],
         features=[staged.add(kept) for kept in features],
         feature_counts=[len(kept) for kept in features],
         image_tokens=image_tokens,
