@@ -47,12 +47,18 @@ OTHER_TRAINER_KEYS = (
     ("use_hyper_parallel", "HyperParallel trains with a trainer of its own, so the AimKP step would not run"),
     ("use_kt", "KTransformers runs the MoE experts in kernels of its own, which the AimKP step is not tested with"),
 )
+FSDP_WHY = (
+    "FSDP shards the parameters and reduces the gradients in hooks of its own, and the AimKP step's hand-off to FSDP "
+    "is not built: FSDP cannot run on the CPU-only machines the plugin is tested on (accelerate stops with 'no "
+    "available devices'). Use DeepSpeed ZeRO-3 (recipes/deepspeed/ds_z3_config.json) for models that need sharding"
+)
 # The same, switched on by an environment variable (LLaMA-Factory reads "true", "y" or "1", any case): USE_MCA
 # (Megatron-Core, since 0.9.4) and USE_MEGATRON_BRIDGE (Megatron-Bridge, LLaMA-Factory main) make train/tuner.py run
-# their own SFT.
+# their own SFT; ACCELERATE_USE_FSDP (accelerate launch with an FSDP config) makes the trainer wrap the model in FSDP.
 OTHER_TRAINER_ENVIRONMENT = (
-    ("USE_MCA", "Megatron-Core (mcore_adapter) trains with a trainer of its own"),
-    ("USE_MEGATRON_BRIDGE", "Megatron-Bridge trains with a trainer of its own"),
+    ("ACCELERATE_USE_FSDP", "set by accelerate launch with an FSDP config: " + FSDP_WHY),
+    ("USE_MCA", "Megatron-Core (mcore_adapter) trains with a trainer of its own, so the AimKP step would not run"),
+    ("USE_MEGATRON_BRIDGE", "Megatron-Bridge trains with a trainer of its own, so the AimKP step would not run"),
 )
 SETUP_KEYS = tuple(
     dict.fromkeys(
@@ -70,9 +76,10 @@ ATTENTION_WITHOUT_MASKS = ("fa2", "fa3")  # FlashAttention takes no custom atten
 TESTED_QUANTIZATION = ("bnb",)
 TESTED_CHECKPOINT_QUANTIZATION = ("bitsandbytes",)
 SUPPORTED_ENGINES = (
-    "single process, DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs), or DeepSpeed ZeRO-0, ZeRO-1 and ZeRO-2"
+    "single process, DDP through torchrun (FORCE_TORCHRUN=1 / several GPUs), or DeepSpeed ZeRO-0, ZeRO-1, ZeRO-2 and "
+    "ZeRO-3"
 )
-DEEPSPEED_STAGES = (0, 1, 2)
+DEEPSPEED_STAGES = (0, 1, 2, 3)
 
 
 def is_set(value: Any) -> bool:
@@ -107,32 +114,42 @@ def read_deepspeed_config(value: Any) -> dict[str, Any]:
     return config
 
 
+def deepspeed_config_name(value: Any) -> str:
+    """How an error names a ``deepspeed:`` value: its file, or the inline JSON."""
+    return "the inline deepspeed JSON" if isinstance(value, dict) or str(value).strip().startswith("{") else value
+
+
+def zero_stage(config: dict[str, Any]) -> Any:
+    """The ZeRO stage of a DeepSpeed config (0 when it has none): an int, or the value as written if not a number."""
+    zero = config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    return int(stage) if str(stage).strip().isdigit() else stage
+
+
 def check_deepspeed_config(value: Any, aimkp: bool, projector_lr: bool) -> None:
     """Reject DeepSpeed settings the AimKP step (``aimkp``) or ``aimkp_projector_lr`` cannot be exact with.
 
-    The step hands its gradient to DeepSpeed's own backward, so ZeRO-0/1/2 reduce, partition, accumulate and clip it as
-    they would a loss's. ZeRO-3 (and its ``offload_param``) partitions the parameters themselves, which the step reads
-    between the engine's passes; an ``optimizer`` section makes DeepSpeed build the optimizer, so the projector's
+    The step hands its gradient to DeepSpeed's own backward, so ZeRO-0 to ZeRO-3 reduce, partition, accumulate and clip
+    it as they would a loss's (under ZeRO-3 the step runs on the gathered model). NVMe offload swaps tensors only
+    around the engine's own passes; an ``optimizer`` section makes DeepSpeed build the optimizer, so the projector's
     parameter group could not be added.
     """
     config = read_deepspeed_config(value)
-    name = "the inline deepspeed JSON" if isinstance(value, dict) or str(value).strip().startswith("{") else value
+    name = deepspeed_config_name(value)
     zero = config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
-    stage = int(stage) if str(stage).strip().isdigit() else stage
+    stage = zero_stage(config)
     if aimkp and stage not in DEEPSPEED_STAGES:
         raise AimkpConfigError(
-            f"aimkp: true supports DeepSpeed ZeRO stages 0, 1 and 2, but {name} sets zero_optimization.stage: "
-            f"{stage}. ZeRO-3 partitions the parameters themselves, and the AimKP step reads the LoRA and projector "
-            "weights between the engine's passes to get each copy's gradient. Use a ZeRO-2 config (stage 2, with "
-            "offload_optimizer if memory is short), or DDP without deepspeed."
+            f"aimkp: true supports DeepSpeed ZeRO stages 0, 1, 2 and 3, but {name} sets zero_optimization.stage: "
+            f"{stage}. Set stage 2 (or 3), or train with DDP without deepspeed."
         )
-    offload = zero.get("offload_param") if isinstance(zero, dict) else None
-    if aimkp and isinstance(offload, dict) and is_set(offload.get("device")):
-        raise AimkpConfigError(
-            f"aimkp: true cannot use offload_param ({name}): it moves the parameters off the device between the "
-            "engine's passes (a ZeRO-3 feature). Remove zero_optimization.offload_param; offload_optimizer works."
-        )
+    for section in ("offload_param", "offload_optimizer"):
+        offload = zero.get(section) if isinstance(zero, dict) else None
+        if aimkp and isinstance(offload, dict) and str(offload.get("device", "")).lower() == "nvme":
+            raise AimkpConfigError(
+                f"aimkp: true cannot use {section} to NVMe ({name}): DeepSpeed swaps NVMe-held tensors only around "
+                "its own forward passes, which the AimKP step does not use. Use device: cpu, or remove the section."
+            )
     types = config.get("data_types") or {}
     accumulation = str(types.get("grad_accum_dtype", "")).lower() if isinstance(types, dict) else ""
     optimizer_offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
@@ -189,12 +206,12 @@ def check_training_config(args: AimkpArguments, setup: dict[str, Any]) -> None:
             raise AimkpConfigError(f"aimkp: true cannot be combined with {name}: true ({reason}). Set {name}: false.")
     if is_set(setup.get("deepspeed")):
         check_deepspeed_config(setup["deepspeed"], aimkp=True, projector_lr=False)
-    for name in ("use_ray", "fsdp"):
-        value = setup.get(name)
-        if is_set(value):
-            raise AimkpConfigError(
-                f"aimkp: true does not support {name} yet; supported engines: {SUPPORTED_ENGINES}. Remove {name}."
-            )
+    if is_set(setup.get("fsdp")):
+        raise AimkpConfigError(f"aimkp: true does not support fsdp: {setup['fsdp']} ({FSDP_WHY}). Remove fsdp.")
+    if is_set(setup.get("use_ray")):
+        raise AimkpConfigError(
+            f"aimkp: true does not support use_ray yet; supported engines: {SUPPORTED_ENGINES}. Remove use_ray."
+        )
     for name, why in OTHER_TRAINER_KEYS:
         value = setup.get(name)
         if is_set(value):
@@ -238,6 +255,12 @@ def check_quantization(setup: dict[str, Any]) -> None:
     Other backends' kernels are not, and a backward that varies from pass to pass would reach the cosines."""
     if not is_set(setup.get("quantization_bit")):
         return
+    if is_set(setup.get("deepspeed")) and zero_stage(read_deepspeed_config(setup["deepspeed"])) == 3:
+        raise AimkpConfigError(
+            f"aimkp: true with quantization_bit is not tested under DeepSpeed ZeRO-3 "
+            f"({deepspeed_config_name(setup['deepspeed'])}; LLaMA-Factory itself takes only 4-bit there). Use ZeRO-2 "
+            "or DDP for QLoRA, or remove quantization_bit."
+        )
     method = str(setup.get("quantization_method") or "bnb").strip().lower()
     if method not in TESTED_QUANTIZATION:
         raise AimkpConfigError(
@@ -264,14 +287,15 @@ def check_checkpoint_quantization(model_name_or_path: str, model_config: dict[st
 
 
 def check_engine_environment(environ: Mapping[str, str]) -> None:
-    """Reject the environment variables that make LLaMA-Factory train with another trainer than its SFT workflow's
-    (``OTHER_TRAINER_ENVIRONMENT``), where the AimKP step would not run. Called only when ``aimkp: true``."""
+    """Reject the environment variables that make LLaMA-Factory train with another trainer than its SFT workflow's,
+    where the AimKP step would not run, or with FSDP (``OTHER_TRAINER_ENVIRONMENT``). Called only when ``aimkp:
+    true``."""
     for name, why in OTHER_TRAINER_ENVIRONMENT:
         value = environ.get(name, "")
         if value.strip().lower() in ("true", "y", "1"):
             raise AimkpConfigError(
-                f"aimkp: true does not support {name}={value} ({why}, so the AimKP step would not run); supported "
-                f"engines: {SUPPORTED_ENGINES}. Unset {name}."
+                f"aimkp: true does not support {name}={value} ({why}); supported engines: {SUPPORTED_ENGINES}. "
+                f"Unset {name}."
             )
 
 

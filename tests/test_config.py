@@ -145,17 +145,28 @@ def test_boolean_rejects_other_values() -> None:
         ({"packing": True}, "packing: true"),
         ({"neat_packing": "true"}, "neat_packing: true"),
         ({"use_ray": True}, "does not support use_ray yet; supported engines: single process"),
-        ({"deepspeed": '{"zero_optimization": {"stage": 3}}'}, "ZeRO stages 0, 1 and 2, but the inline .*stage: 3"),
-        ({"deepspeed": {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}}, "offload_param"),
+        ({"deepspeed": '{"zero_optimization": {"stage": 4}}'}, "ZeRO stages 0, 1, 2 and 3, but the inline .*stage: 4"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}},
+            "cannot use offload_param to NVMe",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "NVMe"}}}},
+            "cannot use offload_optimizer to NVMe",
+        ),
         ({"deepspeed": {"fp16": {"enabled": True}}}, "not tested with fp16"),
-        ({"deepspeed": {"zero_optimization": {"stage": "3"}}}, "stage: 3. ZeRO-3 partitions"),
+        ({"deepspeed": {"zero_optimization": {"stage": "5"}}}, "stage: 5. Set stage 2"),
         (
             {"deepspeed": {"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"}}},
             "ZeRO-1 with data_types.grad_accum_dtype: fp32",
         ),
         ({"deepspeed": "missing_ds.json"}, "deepspeed: missing_ds.json: cannot read the DeepSpeed config"),
         ({"deepspeed": '{"zero_optimization": '}, "the inline deepspeed JSON: not valid JSON"),
-        ({"fsdp": "full_shard"}, "does not support fsdp yet"),
+        (
+            {"quantization_bit": 4, "deepspeed": {"zero_optimization": {"stage": 3}}},
+            "quantization_bit is not tested under DeepSpeed ZeRO-3 .the inline deepspeed JSON",
+        ),
+        ({"fsdp": "full_shard"}, "does not support fsdp: full_shard .FSDP shards the parameters.*ZeRO-3"),
         ({"use_hyper_parallel": True}, "does not support use_hyper_parallel: True yet .HyperParallel trains with"),
         ({"use_kt": "true"}, "does not support use_kt: true yet .KTransformers runs the MoE experts"),
         ({"streaming": True}, "streaming: true"),
@@ -183,13 +194,15 @@ def test_aimkp_rejects_unsupported_training_setups(setup: dict, message: str) ->
 @pytest.mark.parametrize(
     ("variable", "value", "refused"),
     [("USE_MCA", "1", True), ("USE_MEGATRON_BRIDGE", "true", True), ("USE_MEGATRON_BRIDGE", "Y", True)]
+    + [("ACCELERATE_USE_FSDP", "true", True), ("ACCELERATE_USE_FSDP", "false", False)]
     + [("USE_MCA", "0", False), ("USE_MEGATRON_BRIDGE", "false", False)],
 )
 def test_aimkp_refuses_the_environment_of_another_trainer(
     variable: str, value: str, refused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """LLaMA-Factory's train/tuner.py runs Megatron-Core (USE_MCA) and Megatron-Bridge (USE_MEGATRON_BRIDGE, main)
-    with trainers of their own, where the AimKP step would not run; plain SFT keeps them."""
+    with trainers of their own, where the AimKP step would not run; accelerate launch with an FSDP config sets
+    ACCELERATE_USE_FSDP. Plain SFT keeps them."""
     monkeypatch.setenv(variable, value)
     if refused:
         with pytest.raises(AimkpConfigError, match=f"does not support {variable}={value} .* Unset {variable}"):
@@ -209,14 +222,17 @@ def test_qlora_through_bitsandbytes_is_accepted_and_other_quantized_checkpoints_
         check_checkpoint_quantization("models/awq-7b", {"quantization_config": {"quant_method": "awq"}})
 
 
-def test_deepspeed_zero_2_file_is_accepted_and_zero_3_file_named(tmp_path) -> None:
-    for stage in (0, 1, 2):
+def test_deepspeed_zero_0_to_3_files_are_accepted_and_others_named(tmp_path) -> None:
+    for stage in (0, 1, 2, 3):
         path = tmp_path / f"ds_z{stage}.json"
-        path.write_text(json.dumps({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}}}))
+        offload = {"offload_optimizer": {"device": "cpu"}} | (
+            {"offload_param": {"device": "cpu"}} if stage == 3 else {}
+        )
+        path.write_text(json.dumps({"zero_optimization": {"stage": stage, **offload}}))
         extract_aimkp_arguments({"aimkp": True, "deepspeed": str(path)})
-    path = tmp_path / "ds_z3.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(AimkpConfigError, match=f"{path} sets zero_optimization.stage: 3"):
+    path = tmp_path / "ds_z4.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    with pytest.raises(AimkpConfigError, match=f"{path} sets zero_optimization.stage: 4"):
         extract_aimkp_arguments({"aimkp": True, "deepspeed": str(path)})
     extract_aimkp_arguments({"aimkp": False, "deepspeed": str(path)})  # plain SFT: LLaMA-Factory's business
 

@@ -1,7 +1,7 @@
 """AimKP under DeepSpeed on 2 CPU processes (gloo): the same curriculum and adapter as DDP, resume, refusals.
 
-The shipped ``recipes/deepspeed/ds_z{0,1,2}_config.json`` are the configs under test. Every run uses SGD so that
-float32 rounding stays at its own size (see ``assert_same_adapter``).
+The shipped ``recipes/deepspeed/ds_z{0,1,2,3}_config.json`` are the configs under test; every run starts from the
+same adapter. Every run uses SGD so that float32 rounding stays at its own size (see ``assert_same_adapter``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ TWO_RANKS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1
 def two_rank_config(tiny_models: dict, workspace: Path, out: Path, **overrides) -> dict:
     """7 posts (odd: the sampler repeats one), batch 1 per rank, accumulation 2, the projector at its own lr."""
     settings = {
+        "adapter_name_or_path": str(START_ADAPTER[0]),
         "per_device_train_batch_size": 1,
         "gradient_accumulation_steps": 2,
         "max_samples": 7,
@@ -38,6 +39,25 @@ def two_rank_config(tiny_models: dict, workspace: Path, out: Path, **overrides) 
     return aimkp_config(tiny_models["llava"], "llava", workspace, out, **settings)
 
 
+START_ADAPTER: list[Path] = []  # set by the start_adapter fixture, which every run here uses
+
+
+@pytest.fixture(scope="module", autouse=True)
+def start_adapter(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The adapter (LoRA, projector and lm_head) every run here starts from. Under ZeRO-3 the model loads
+    partitioned, so a new adapter's random initial weights would be drawn differently from a DDP run's."""
+    from .helpers import run_llamafactory
+
+    out = tmp_path_factory.mktemp("start") / "adapter"
+    START_ADAPTER[:] = [out]
+    config = two_rank_config(tiny_models, cmkp_workspace, out, aimkp=False, learning_rate=0.0, max_steps=1)
+    for key in ("adapter_name_or_path", "aimkp_projector_lr"):
+        config.pop(key)
+    result = run_llamafactory(config, out.parent)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from .helpers import run_llamafactory
@@ -48,13 +68,37 @@ def ddp_run(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.Te
     return out
 
 
-@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.compat), 1, 0])
+def deepspeed_config(stage: int, folder: Path, offload_param: bool = False) -> str:
+    """The shipped ZeRO config of ``stage``; with ``offload_param``, a copy that keeps the parameters on the CPU."""
+    shipped = DEEPSPEED / f"ds_z{stage}_config.json"
+    if not offload_param:
+        return str(shipped)
+    config = json.loads(shipped.read_text())
+    config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    path = folder / f"ds_z{stage}_offload_param_config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("stage", "offload_param"),
+    [pytest.param(2, False, marks=pytest.mark.compat), (3, False), (3, True), (1, False), (0, False)],
+)
 def test_zero_stage_trains_as_ddp(
-    stage: int, ddp_run: Path, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+    stage: int,
+    offload_param: bool,
+    ddp_run: Path,
+    tiny_models: dict,
+    cmkp_workspace: Path,
+    tmp_path: Path,
+    llamafactory_runner,
 ):
-    """The step's gradient handed to DeepSpeed's backward gives DDP's curriculum and adapter (1e-5, SGD)."""
+    """The step's gradient handed to DeepSpeed's backward gives DDP's curriculum and adapter (1e-5, SGD); under
+    ZeRO-3 the step runs on the gathered model, the parameters kept on the CPU or not."""
     out = tmp_path / f"zero{stage}"
-    config = two_rank_config(tiny_models, cmkp_workspace, out, deepspeed=str(DEEPSPEED / f"ds_z{stage}_config.json"))
+    config = two_rank_config(
+        tiny_models, cmkp_workspace, out, deepspeed=deepspeed_config(stage, tmp_path, offload_param)
+    )
     result = llamafactory_runner(config, **TWO_RANKS)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "curriculum state identical on all 2 ranks" in result.stdout
@@ -70,9 +114,13 @@ def test_zero2_in_bf16_keeps_the_ddp_curriculum(
 ):
     """bf16, the recipes' precision. DeepSpeed computes with bf16 weights (float32 master copies), where
     LLaMA-Factory's DDP run keeps trained weights in float32 under autocast, so the adapters differ by bf16 rounding
-    (about 1% after these 12 SGD steps); the curriculum decisions are the same."""
+    (about 1% after these 12 SGD steps); the curriculum decisions are the same.
+
+    ZeRO-3 in bf16 cannot start on a CPU: transformers needs ``use_cpu`` for bf16 there, ``use_cpu`` skips DeepSpeed's
+    distributed set-up, and the model's ``deepspeed.zero.Init`` then counts one rank ("train_batch_size is not equal
+    to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 1 * 2 * 1"), without AimKP as with it."""
     runs = {}
-    for name, extra in (("ddp", {}), ("zero2", {"deepspeed": str(DEEPSPEED / "ds_z2_config.json")})):
+    for name, extra in (("ddp", {}), ("zero2", {"deepspeed": deepspeed_config(2, tmp_path)})):
         runs[name] = tmp_path / name
         config = two_rank_config(tiny_models, cmkp_workspace, runs[name], bf16=True, use_cpu=True, **extra)
         result = llamafactory_runner(config, **TWO_RANKS)
@@ -81,11 +129,13 @@ def test_zero2_in_bf16_keeps_the_ddp_curriculum(
     assert_same_adapter(runs["ddp"], runs["zero2"], rtol=2e-2)
 
 
-def test_zero2_resume_gives_the_uninterrupted_state(
-    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_resume_gives_the_uninterrupted_state(
+    stage: int, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ):
-    """A ZeRO-2 checkpoint (its DeepSpeed folder and aimkp_state.json) resumes to the uninterrupted run's result."""
-    deepspeed = str(DEEPSPEED / "ds_z2_config.json")
+    """A ZeRO-2 or ZeRO-3 checkpoint (its DeepSpeed folder and aimkp_state.json) resumes to the uninterrupted run's
+    result."""
+    deepspeed = deepspeed_config(stage, tmp_path)
     full = tmp_path / "full"
     config = two_rank_config(tiny_models, cmkp_workspace, full, deepspeed=deepspeed, save_strategy="epoch")
     result = llamafactory_runner(config, **TWO_RANKS)
@@ -111,18 +161,26 @@ def test_zero2_resume_gives_the_uninterrupted_state(
     assert_same_adapter(full, resumed, rtol=1e-5)
 
 
-def test_zero3_is_refused_before_the_model_loads(
-    tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+@pytest.mark.parametrize(
+    ("zero", "message"),
+    [
+        ({"stage": 4}, "supports DeepSpeed ZeRO stages 0, 1, 2 and 3, but {path} sets zero_optimization.stage: 4"),
+        (
+            {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}},
+            "aimkp: true cannot use offload_param to NVMe ({path})",
+        ),
+    ],
+    ids=["stage4", "nvme"],
+)
+def test_untested_zero_settings_are_refused_before_the_model_loads(
+    zero: dict, message: str, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ):
-    ds_config = json.loads((DEEPSPEED / "ds_z2_config.json").read_text())
-    ds_config["zero_optimization"] = {"stage": 3}
-    path = tmp_path / "ds_z3_config.json"
+    ds_config = json.loads((DEEPSPEED / "ds_z3_config.json").read_text())
+    ds_config["zero_optimization"] = zero
+    path = tmp_path / "ds_config.json"
     path.write_text(json.dumps(ds_config))
     config = two_rank_config(tiny_models, cmkp_workspace, tmp_path / "run", deepspeed=str(path))
     result = llamafactory_runner(config)
     assert result.returncode != 0
-    assert f"aimkp: true supports DeepSpeed ZeRO stages 0, 1 and 2, but {path} sets zero_optimization.stage: 3" in (
-        result.stdout
-    )
-    assert "Use a ZeRO-2 config" in result.stdout
+    assert message.format(path=path) in result.stdout
     assert "trainable params" not in result.stdout  # stopped before LLaMA-Factory loaded the model

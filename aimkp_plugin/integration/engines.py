@@ -12,6 +12,7 @@ whole optimizer step, all micro-batches and ranks) with its own backward passes,
   averages the gradients over the W data-parallel ranks, so W = that world size (1 for ``gradient_allreduce_op:
   sum``) makes the reduced gradient Σ_ranks g, as under DDP. The trainer passes ``scale_wrt_gas=False``: g is already
   normalised over the whole optimizer step.
+- DeepSpeed ZeRO-3: the same hand-off, with the model gathered while the step runs (:mod:`.zero3`).
 """
 
 from __future__ import annotations
@@ -23,33 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-class _HandOff(torch.autograd.Function):
-    """A zero scalar whose backward gives each parameter ``multiplier · grad_output · g_p`` (g detached), so the
-    engine's loss scale (``grad_output``) reaches g as it would reach a loss's gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, multiplier: float, gradients: Sequence[torch.Tensor], *parameters: torch.Tensor):
-        ctx.multiplier = multiplier
-        ctx.gradients = gradients
-        return torch.zeros((), dtype=torch.float32, device=parameters[0].device)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        factor = grad_output * ctx.multiplier
-        gradients = [(gradient.to(torch.float32) * factor).to(gradient.dtype) for gradient in ctx.gradients]
-        ctx.gradients = None
-        return (None, None, *gradients)
-
-
-def surrogate_loss(
-    parameters: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor], multiplier: float
-) -> torch.Tensor:
-    """L with ∂L/∂p = multiplier · g_p for every parameter p (module docstring); its value is 0."""
-    detached = [
-        gradient.detach().to(parameter.dtype) for parameter, gradient in zip(parameters, gradients, strict=True)
-    ]
-    return _HandOff.apply(float(multiplier), detached, *parameters)
+from .handoff import surrogate_loss
+from .zero3 import is_zero3, zero3_gradients
 
 
 def is_deepspeed(trainer: Any) -> bool:
@@ -159,8 +135,9 @@ def all_reduce_grads(parameters: Sequence[torch.Tensor]) -> None:
 def engine_gradients(trainer: Any, engine: Any, parameters: Sequence[torch.Tensor]) -> Iterator[None]:
     """The engine's gradient plumbing around one AimKP micro-step, whose g is written into ``.grad`` inside.
 
-    - DeepSpeed: the engine's own gradients are set aside and its ZeRO hooks suspended while the step runs; at the
-      end g goes to the engine's backward (:func:`hand_to_deepspeed`).
+    - DeepSpeed ZeRO-3: :func:`.zero3.zero3_gradients`.
+    - DeepSpeed ZeRO-0/1/2: the engine's own gradients are set aside and its ZeRO hooks suspended while the step runs;
+      at the end g goes to the engine's backward (:func:`hand_to_deepspeed`).
     - DDP: the step runs under ``no_sync``; at the synchronising micro-step ``.grad`` is summed over the ranks
       (:func:`all_reduce_grads`).
     - Single process: nothing.
@@ -168,6 +145,10 @@ def engine_gradients(trainer: Any, engine: Any, parameters: Sequence[torch.Tenso
     Nothing is handed on when the step raises.
     """
     accelerator = trainer.accelerator
+    if is_deepspeed(trainer) and is_zero3(engine):
+        with zero3_gradients(accelerator, engine, parameters):
+            yield
+        return
     if is_deepspeed(trainer):
         held = [parameter.grad for parameter in parameters]
         for parameter in parameters:

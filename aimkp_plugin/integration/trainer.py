@@ -7,8 +7,8 @@ With ``aimkp: true`` the trainer's ``training_step`` runs the AimKP step instead
   samples when a saved state is restored;
 - the step computes the gradient itself (token-weighted over the whole optimizer step: all micro-batches, all ranks);
   under DDP it writes ``.grad`` and all-reduces it at the synchronising micro-step instead of relying on DDP hooks;
-  under DeepSpeed ZeRO-0/1/2 it hands the gradient to the engine's own backward (:mod:`.engines`); the filtering
-  decision uses each sample's own gradients, before any reduction;
+  under DeepSpeed it hands the gradient to the engine's own backward (:mod:`.engines`; ZeRO-3 on the gathered
+  model, :mod:`.zero3`); the filtering decision uses each sample's own gradients, before any reduction;
 - clipping, the optimizer and the scheduler then run as usual.
 
 With ``cmkp`` evaluation data and ``predict_with_generate`` (with or without AimKP), evaluation also reports the
@@ -120,7 +120,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         if metrics is not None:
             metrics.predictions_file = self._aimkp_predictions_file
         if self.aimkp_callback is not None:
-            self._aimkp_prepare_step()
+            self._aimkp_prepare_step()  # reads modules and names only: under ZeRO-3 the weights are partitioned here
 
     def _aimkp_index_samples(self, kwargs: dict[str, Any]) -> None:
         """Give every training sample its index (a dataset column the collator turns into a batch tensor), and the
@@ -151,7 +151,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         if plugin is not None and plugin.zero_stage not in DEEPSPEED_STAGES:
             raise AimkpConfigError(
                 f"aimkp: true supports DeepSpeed ZeRO stages {', '.join(map(str, DEEPSPEED_STAGES))}, not "
-                f"ZeRO-{plugin.zero_stage} (README, Supported engines). Use a ZeRO-2 config, or DDP."
+                f"ZeRO-{plugin.zero_stage} (README, Supported engines). Use a ZeRO-2 or ZeRO-3 config, or DDP."
             )
         core = self.accelerator.unwrap_model(self.model)
         self.aimkp_family = self._aimkp_family(core)
