@@ -81,28 +81,37 @@ def deepspeed_config(stage: int, folder: Path, offload_param: bool = False) -> s
 
 
 @pytest.mark.parametrize(
-    ("stage", "offload_param"),
-    [pytest.param(2, False, marks=pytest.mark.compat), (3, False), (3, True), (1, False), (0, False)],
+    ("stage", "offload_param", "impl"),
+    [
+        pytest.param(2, False, "fast", marks=pytest.mark.compat),
+        (3, False, "fast"),
+        (3, True, "fast"),
+        (3, False, "reference"),
+        (1, False, "fast"),
+        (0, False, "fast"),
+    ],
 )
 def test_zero_stage_trains_as_ddp(
     stage: int,
     offload_param: bool,
+    impl: str,
     ddp_run: Path,
     tiny_models: dict,
     cmkp_workspace: Path,
     tmp_path: Path,
     llamafactory_runner,
 ):
-    """The step's gradient handed to DeepSpeed's backward gives DDP's curriculum and adapter (1e-5, SGD); under
-    ZeRO-3 the step runs on the gathered model, the parameters kept on the CPU or not."""
+    """The step's gradient handed to DeepSpeed's backward gives DDP's curriculum and adapter (1e-5, SGD; the DDP run
+    takes the fast step); under ZeRO-3 the step runs on the gathered model, the parameters kept on the CPU or not,
+    the fast step or the reference step."""
     out = tmp_path / f"zero{stage}"
     config = two_rank_config(
-        tiny_models, cmkp_workspace, out, deepspeed=deepspeed_config(stage, tmp_path, offload_param)
+        tiny_models, cmkp_workspace, out, deepspeed=deepspeed_config(stage, tmp_path, offload_param), aimkp_impl=impl
     )
     result = llamafactory_runner(config, **TWO_RANKS)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "curriculum state identical on all 2 ranks" in result.stdout
-    assert "the fast AimKP step runs for the llava family" in result.stdout
+    assert ("the fast AimKP step runs for the llava family" in result.stdout) == (impl == "fast")
     state = read_state(out)
     assert state == read_state(ddp_run)
     assert set(state["text_stride"]) == {8}  # the curriculum moved: 1 -> 2 -> 4 -> 8
