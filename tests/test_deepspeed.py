@@ -84,7 +84,7 @@ def deepspeed_config(stage: int, folder: Path, offload_param: bool = False) -> s
     ("stage", "offload_param", "impl"),
     [
         pytest.param(2, False, "fast", marks=pytest.mark.compat),
-        (3, False, "fast"),
+        pytest.param(3, False, "fast", marks=pytest.mark.compat),
         (3, True, "fast"),
         (3, False, "reference"),
         (1, False, "fast"),
