@@ -112,6 +112,7 @@ def test_zero_stage_trains_as_ddp(
     assert result.returncode == 0, result.stdout[-4000:]
     assert "curriculum state identical on all 2 ranks" in result.stdout
     assert ("the fast AimKP step runs for the llava family" in result.stdout) == (impl == "fast")
+    assert ("under ZeRO-3 the AimKP step gathers the whole model on each rank (0.0" in result.stdout) == (stage == 3)
     state = read_state(out)
     assert state == read_state(ddp_run)
     assert set(state["text_stride"]) == {8}  # the curriculum moved: 1 -> 2 -> 4 -> 8
@@ -193,3 +194,11 @@ def test_untested_zero_settings_are_refused_before_the_model_loads(
     assert result.returncode != 0
     assert message.format(path=path) in result.stdout
     assert "trainable params" not in result.stdout  # stopped before LLaMA-Factory loaded the model
+
+
+def test_a_zero3_model_too_large_to_gather_is_named_with_its_sizes():
+    from aimkp_plugin.integration.zero3 import check_gather_fits
+
+    check_gather_fits(needed=3 * 2**30, free=2**30, everywhere=True)
+    with pytest.raises(RuntimeError, match=r"gathers the whole model on each rank, 150.0 GiB more .* 80.0 GiB free"):
+        check_gather_fits(needed=150 * 2**30, free=80 * 2**30, everywhere=False)

@@ -41,6 +41,7 @@ from .batches import BatchSplitter
 from .callback import AimkpCallback
 from .engines import distributed, engine_gradients
 from .evaluation import PREDICTIONS_FOLDER, KeyphraseMetrics, keyphrase_evaluation
+from .zero3 import full_bytes, is_partitioned
 
 
 # LLaMA-Factory's trainer imports its SFT workflow, whose patch (at the end of this module) needs this module whole
@@ -154,6 +155,11 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
                 f"ZeRO-{plugin.zero_stage} (README, Supported engines). Use a ZeRO-2 or ZeRO-3 config, or DDP."
             )
         core = self.accelerator.unwrap_model(self.model)
+        if any(is_partitioned(parameter) for parameter in core.parameters()):
+            logger.info(
+                "aimkp-plugin: under ZeRO-3 the AimKP step gathers the whole model on each rank "
+                f"({full_bytes(list(core.parameters())) / 2**30:.2f} GiB) while it runs (docs/engines.md)."
+            )
         self.aimkp_family = self._aimkp_family(core)
         self.aimkp_splitter = BatchSplitter(core.config, self.processing_class, self.aimkp_family)
         self.aimkp_config = step_config(self.aimkp)

@@ -65,6 +65,46 @@ def gathered(parameters: Sequence[torch.Tensor]) -> contextlib.AbstractContextMa
     return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
 
 
+def full_bytes(parameters: Sequence[torch.Tensor]) -> int:
+    """The size of ``parameters`` gathered: ``ds_numel`` elements for a partitioned one."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in parameters)
+
+
+def unavailable_bytes(parameters: Sequence[torch.Tensor]) -> int:
+    """What gathering ``parameters`` adds on this rank: the full size of every partitioned parameter not gathered
+    now (``ds_numel`` elements each)."""
+    total = 0
+    for parameter in parameters:
+        if is_partitioned(parameter) and getattr(parameter.ds_status, "name", "") == "NOT_AVAILABLE":
+            total += parameter.ds_numel * parameter.element_size()
+    return total
+
+
+def check_gather_fits(needed: int, free: int, everywhere: bool) -> None:
+    """Stop with the sizes when the model does not fit gathered: ``needed`` bytes to gather and ``free`` bytes free
+    on this rank's device; ``everywhere``: whether it fits on every rank (all ranks stop together, none is left
+    waiting in the gather)."""
+    if everywhere:
+        return
+    raise RuntimeError(
+        f"aimkp-plugin: under DeepSpeed ZeRO-3 the AimKP step gathers the whole model on each rank, "
+        f"{needed / 2**30:.1f} GiB more than this rank holds, and its device has {free / 2**30:.1f} GiB free (on "
+        "some rank it does not fit). ZeRO-3 with AimKP saves optimizer and gradient memory, not the weights' "
+        "(docs/engines.md): use devices that hold the bf16 model next to the step, or a smaller model."
+    )
+
+
+def check_gather_fits_on_every_rank(parameters: Sequence[torch.Tensor], device: torch.device) -> None:
+    """:func:`check_gather_fits` on a CUDA device, agreed over the ranks (one small all-reduce); nothing elsewhere."""
+    if device.type != "cuda":
+        return
+    needed = unavailable_bytes(parameters)
+    free = torch.cuda.mem_get_info(device)[0]
+    fits = torch.tensor([1 if needed < free else 0], device=device)
+    torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
+    check_gather_fits(needed, free, bool(fits.item()))
+
+
 def check_zero3_engine(engine: Any) -> None:
     """Stop before the first step when the ZeRO-3 engine runs with a setting the hand-off is not tested with."""
     optimizer = engine.optimizer
@@ -142,7 +182,9 @@ def zero3_gradients(accelerator: Any, engine: Any, parameters: Sequence[torch.Te
     check_zero3_engine(engine)
     optimizer = engine.optimizer
     synchronising = accelerator.gradient_state.sync_gradients
-    with gathered(list(engine.module.parameters())):
+    everything = list(engine.module.parameters())
+    check_gather_fits_on_every_rank(everything, accelerator.device)
+    with gathered(everything):
         for parameter in parameters:
             parameter.grad = None
         with suspended_module_hooks(optimizer.parameter_offload), paused_reduction(optimizer):
