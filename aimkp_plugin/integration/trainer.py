@@ -41,7 +41,7 @@ from .batches import BatchSplitter
 from .callback import AimkpCallback
 from .engines import distributed, engine_gradients
 from .evaluation import PREDICTIONS_FOLDER, KeyphraseMetrics, keyphrase_evaluation
-from .zero3 import full_bytes, is_partitioned
+from .zero3 import full_bytes, is_partitioned, size_words
 
 
 # LLaMA-Factory's trainer imports its SFT workflow, whose patch (at the end of this module) needs this module whole
@@ -158,7 +158,7 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
         if any(is_partitioned(parameter) for parameter in core.parameters()):
             logger.info(
                 "aimkp-plugin: under ZeRO-3 the AimKP step gathers the whole model on each rank "
-                f"({full_bytes(list(core.parameters())) / 2**30:.2f} GiB) while it runs (docs/engines.md)."
+                f"({size_words(full_bytes(list(core.parameters())))}) while it runs (docs/engines.md)."
             )
         self.aimkp_family = self._aimkp_family(core)
         self.aimkp_splitter = BatchSplitter(core.config, self.processing_class, self.aimkp_family)

@@ -70,6 +70,11 @@ def full_bytes(parameters: Sequence[torch.Tensor]) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in parameters)
 
 
+def size_words(count: int) -> str:
+    """A byte count in GiB, or in MiB below one GiB."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
 def unavailable_bytes(parameters: Sequence[torch.Tensor]) -> int:
     """What gathering ``parameters`` adds on this rank: the full size of every partitioned parameter not gathered
     now (``ds_numel`` elements each)."""
@@ -88,7 +93,7 @@ def check_gather_fits(needed: int, free: int, everywhere: bool) -> None:
         return
     raise RuntimeError(
         f"aimkp-plugin: under DeepSpeed ZeRO-3 the AimKP step gathers the whole model on each rank, "
-        f"{needed / 2**30:.1f} GiB more than this rank holds, and its device has {free / 2**30:.1f} GiB free (on "
+        f"{size_words(needed)} more than this rank holds, and its device has {size_words(free)} free (on "
         "some rank it does not fit). ZeRO-3 with AimKP saves optimizer and gradient memory, not the weights' "
         "(docs/engines.md): use devices that hold the bf16 model next to the step, or a smaller model."
     )
