@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .handoff import surrogate_loss
+from .handoff import surrogate_loss, taken_gradients
 from .zero3 import is_zero3, zero3_gradients
 
 
@@ -108,11 +108,7 @@ def hand_to_deepspeed(
     """Give this micro-batch's g (in ``.grad``) to the DeepSpeed engine's own backward, and put the engine's own
     gradients (``held``) back first: once per micro-step on every rank, a zero g included, since the engine reduces
     and steps collectively."""
-    gradients = [
-        parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters
-    ]
-    for parameter, previous in zip(parameters, held, strict=True):
-        parameter.grad = previous
+    gradients = taken_gradients(parameters, held)
     loss = surrogate_loss(parameters, gradients, deepspeed_multiplier(engine))
     accelerator.backward(loss, scale_wrt_gas=False)
 
@@ -148,8 +144,7 @@ def engine_gradients(trainer: Any, engine: Any, parameters: Sequence[torch.Tenso
     if is_deepspeed(trainer) and is_zero3(engine):
         with zero3_gradients(accelerator, engine, parameters):
             yield
-        return
-    if is_deepspeed(trainer):
+    elif is_deepspeed(trainer):
         held = [parameter.grad for parameter in parameters]
         for parameter in parameters:
             parameter.grad = None
@@ -157,8 +152,8 @@ def engine_gradients(trainer: Any, engine: Any, parameters: Sequence[torch.Tenso
         with suspended_zero_hooks(engine):
             yield
         hand_to_deepspeed(accelerator, engine, parameters, held)
-        return
-    with accelerator.no_sync(engine) if distributed() else contextlib.nullcontext():
-        yield
-    if accelerator.gradient_state.sync_gradients and distributed():
-        all_reduce_grads(parameters)
+    else:
+        with accelerator.no_sync(engine) if distributed() else contextlib.nullcontext():
+            yield
+        if accelerator.gradient_state.sync_gradients and distributed():
+            all_reduce_grads(parameters)

@@ -39,3 +39,14 @@ def surrogate_loss(
         gradient.detach().to(parameter.dtype) for parameter, gradient in zip(parameters, gradients, strict=True)
     ]
     return _HandOff.apply(float(multiplier), detached, *parameters)
+
+
+def taken_gradients(parameters: Sequence[torch.Tensor], restored: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """g as the step left it in ``.grad`` (a zero tensor where a parameter got none: an engine reduces every
+    parameter on every rank), with ``.grad`` set back to ``restored`` (the engine's own gradients, or None)."""
+    gradients = [
+        parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters
+    ]
+    for parameter, previous in zip(parameters, restored, strict=True):
+        parameter.grad = previous
+    return gradients

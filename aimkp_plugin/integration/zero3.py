@@ -13,7 +13,7 @@ micro-step under ZeRO-3 therefore (:func:`zero3_gradients`):
 1. gathers every parameter of the model once (one collective, the same on all ranks);
 2. removes the module hooks and pauses the gradient reduction while the step's own passes run on the plain,
    gathered model, so that they issue no collective and leave g in ``.grad`` at full shape;
-3. hands g to the engine's own backward as the surrogate loss L = W · Σ_p ⟨p, g_p⟩ (:func:`.engines.surrogate_loss`),
+3. hands g to the engine's own backward as the surrogate loss L = W · Σ_p ⟨p, g_p⟩ (:func:`.handoff.surrogate_loss`),
    while the trained parameters are still gathered (autograd checks a gradient's shape against the parameter's when
    its graph was built). ZeRO-3 always averages over the W data-parallel ranks, whatever ``gradient_allreduce_op``
    says, so the reduced gradient is Σ_ranks g, as under DDP;
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .handoff import surrogate_loss
+from .handoff import surrogate_loss, taken_gradients
 
 
 ZERO3_OPTIMIZER = "DeepSpeedZeroOptimizer_Stage3"  # the one tested (not SuperOffload's subclass)
@@ -53,16 +53,6 @@ def is_zero3(engine: Any) -> bool:
 def is_partitioned(parameter: torch.Tensor) -> bool:
     """A parameter created or converted by ``deepspeed.zero.Init``."""
     return hasattr(parameter, "ds_id")
-
-
-def gathered(parameters: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager:
-    """Every ZeRO-3 parameter of ``parameters`` at full size inside (a collective: all ranks enter together, with
-    the same list); nothing when none is partitioned."""
-    if not any(is_partitioned(parameter) for parameter in parameters):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
 
 
 def full_bytes(parameters: Sequence[torch.Tensor]) -> int:
@@ -184,21 +174,20 @@ def zero3_gradients(accelerator: Any, engine: Any, parameters: Sequence[torch.Te
     """One AimKP micro-step under ZeRO-3 (module docstring): the step inside writes its g into ``.grad`` of the
     gathered ``parameters``; at the end g goes to the engine's backward, and at the accumulation boundary the engine
     steps. Nothing is handed on when the step raises."""
+    import deepspeed
+
     check_zero3_engine(engine)
     optimizer = engine.optimizer
     synchronising = accelerator.gradient_state.sync_gradients
     everything = list(engine.module.parameters())
     check_gather_fits_on_every_rank(everything, accelerator.device)
-    with gathered(everything):
+    # one collective, the same list on every rank
+    with deepspeed.zero.GatheredParameters(everything, modifier_rank=None):
         for parameter in parameters:
             parameter.grad = None
         with suspended_module_hooks(optimizer.parameter_offload), paused_reduction(optimizer):
             yield
-        gradients = [
-            parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters
-        ]
-        for parameter in parameters:
-            parameter.grad = None
+        gradients = taken_gradients(parameters, [None] * len(parameters))
         # what engine.forward does first: counts the previous micro-step (ZeRO-3 copies the first micro-step's
         # gradient into its partitions and adds the next ones), and resets the hook counters the step's passes moved
         optimizer.clear_backward_seen_flag()
