@@ -701,10 +701,6 @@ def test_position_ids_gathered_on_the_device_equal_those_laid_out_on_the_host(le
     torch.manual_seed(0)
     tables = [torch.randint(0, 50, (*leading, 1, length)) for length in (9, 7)]  # two samples' position ids
 
-    class Positions:
-        def position_ids(self, sample: int) -> torch.Tensor:
-            return tables[sample]
-
     rows = [Row(0, "original", 1, torch.arange(9)), Row(1, "text", 2, torch.tensor([0, 2, 3, 6])),
             Row(0, "image", 2, torch.tensor([1, 4, 5, 8]))]  # fmt: skip
     staged = StagedIndices()
@@ -716,8 +712,8 @@ def test_position_ids_gathered_on_the_device_equal_those_laid_out_on_the_host(le
     indices = GroupIndices(staged, [], keep, [], [], 0, {}, (0, 0), [])
     cpu = torch.device("cpu")
     on_host, on_device = (
-        pass_position_ids(Positions(), [0, 1, 0], rows, slice(0, 3), indices, PassIndices(ids, 0, 0, 0, 0, at), cpu)
-        for at in (host, None)  # laid out on the host; gathered on the device
+        pass_position_ids(rows, slice(0, 3), indices, PassIndices(ids, 0, 0, 0, 0, *at), cpu)
+        for at in ((host, None), (None, [tables[0], tables[1], tables[0]]))  # laid out on the host; on the device
     )
     assert on_host.shape == (*leading, 3, 9) and torch.equal(on_host, on_device)
     assert on_host[..., 1, :4].tolist() == tables[1][..., 0, [0, 2, 3, 6]].tolist()

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .family_interface import FastStepFamily
 from .fast_layout import FastStepLayout, checkpointing_paused, resolve_share_prefix
 from .filtering import cosines_from_gram, keep_copy, variant_weight
 from .pass_planning import Pass, Row, auto_buffer_bytes, buffer_groups, default_max_tokens, plan_passes, plan_rows
@@ -163,14 +162,13 @@ def train_rows(
     ``Σ_i n_i / |K_i| / N · Σ_{v ∈ K_i} g_{i,v}`` over these samples added into ``.grad``."""
     indices = stage_group(layout, samples, rows, passes)  # every index on the device before the first forward
     gradients, loss_sums = variant_gradients(layout, samples, rows, passes, indices)
-    original_row = {row.sample: index for index, row in enumerate(rows) if row.name == ORIGINAL}
     copies, device = indices.copies, gradients.flat.device
     cosines = cosines_from_gram(gradients.gram(), indices[indices.pairs[0]], indices[indices.pairs[1]])
     # the keep decisions' one read of the device: every row's loss and every copy's cosine, in one transfer
     values = torch.cat([loss_sums.to(torch.float64), cosines.to(torch.float64)]).tolist()
     losses, cosine_of = values[: len(rows)], dict(zip(copies, values[len(rows) :], strict=True))
     weights = [0.0] * len(rows)
-    kept_rows: dict[int, list[int]] = {position: [index] for position, index in original_row.items()}
+    kept_rows: dict[int, list[int]] = {position: [index] for position, index in indices.originals.items()}
     for index, row in enumerate(rows):
         if row.name == ORIGINAL:
             outcomes[row.sample].original_loss_sum = losses[index]
@@ -212,7 +210,7 @@ class PassIndices:
     """One pass's staged tensors (handles into :class:`GroupIndices`' staging): ids, labels and attention mask
     ``(rows, length)``, the answer-predicting positions, each row's answer-token count, and the position ids when
     they were laid out on the host (``(*leading, rows, length)``; None: gathered on the device from each row's kept
-    positions)."""
+    positions, out of its sample's own position ids in ``positions``)."""
 
     input_ids: int
     labels: int
@@ -220,6 +218,7 @@ class PassIndices:
     predicting: int
     tokens: int
     position_ids: int | None
+    positions: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -237,6 +236,7 @@ class GroupIndices:
     sample_rows: dict[int, tuple[list[int], int]]
     pairs: tuple[int, int]
     copies: list[int]
+    originals: dict[int, int] = field(default_factory=dict)  # sample position -> its original's row
 
     def __getitem__(self, handle: int) -> torch.Tensor:
         return self.staged[handle]
@@ -257,14 +257,14 @@ def stage_group(
         group_rows, group_keeps = rows[forward.rows], keeps[forward.rows]
         ids, labels, mask, predicting = host_pass_inputs(samples, group_rows, group_keeps)
         positions = [family.position_ids(samples[row.sample]) for row in group_rows]
-        position_handle = None
+        tokens = [samples[row.sample].num_answer_tokens for row in group_rows]
+        handles = [staged.add(values) for values in (ids, labels, mask, predicting, tokens)]
         if all(position_ids.device.type == "cpu" for position_ids in positions):
             leading = tuple(positions[0].shape[:-2])
             flat = host_position_ids(positions, group_keeps, len(ids[0]))
-            position_handle = staged.add(flat, (*leading, len(group_rows), len(ids[0])))
-        tokens = [samples[row.sample].num_answer_tokens for row in group_rows]
-        handles = [staged.add(values) for values in (ids, labels, mask, predicting, tokens)]
-        pass_indices.append(PassIndices(*handles, position_handle))
+            pass_indices.append(PassIndices(*handles, staged.add(flat, (*leading, len(group_rows), len(ids[0])))))
+        else:
+            pass_indices.append(PassIndices(*handles, None, positions))
     by_sample: dict[int, list[int]] = {}
     for index, row in enumerate(rows):
         by_sample.setdefault(row.sample, []).append(index)
@@ -280,6 +280,7 @@ def stage_group(
         sample_rows={sample: (members, staged.add(members)) for sample, members in by_sample.items()},
         pairs=(staged.add([original_row[rows[index].sample] for index in copies]), staged.add(copies)),
         copies=copies,
+        originals=original_row,
     )
     staged.send(device)
     return indices
@@ -370,7 +371,7 @@ def run_pass(
     group = forward.rows
     input_ids, labels = indices[staged.input_ids], indices[staged.labels]
     attention_mask, predicting = indices[staged.attention_mask], indices[staged.predicting]
-    position_ids = pass_position_ids(family, samples, rows, group, indices, staged, device)
+    position_ids = pass_position_ids(rows, group, indices, staged, device)
     inputs_embeds = embedding(input_ids)
     image_mask = input_ids == family.image_token_id(model.config)
     values = features.pass_values(group)
@@ -398,13 +399,7 @@ def run_pass(
 
 
 def pass_position_ids(
-    family: FastStepFamily,
-    samples: Sequence[SampleInputs],
-    rows: list[Row],
-    group: slice,
-    indices: GroupIndices,
-    staged: PassIndices,
-    device: torch.device,
+    rows: list[Row], group: slice, indices: GroupIndices, staged: PassIndices, device: torch.device
 ) -> torch.Tensor:
     """The pass's position ids ``(*leading, rows, length)``: every kept token keeps its original position ids (all
     rope rows of a multimodal rope). Laid out on the host when the samples' position ids are there, else gathered on
@@ -412,7 +407,7 @@ def pass_position_ids(
     if staged.position_ids is not None:
         return indices[staged.position_ids]
     length = indices[staged.input_ids].shape[1]
-    positions = [family.position_ids(samples[row.sample]) for row in rows[group]]
+    positions = staged.positions
     leading = positions[0].shape[:-2]  # () for (1, L); (3,) or (4,) for a multimodal rope's (P, 1, L)
     position_ids = torch.zeros(*leading, len(positions), length, dtype=torch.long, device=device)
     for slot, index in enumerate(range(group.start, group.stop)):
