@@ -65,6 +65,7 @@ TRAIN_PATCHES = {  # the patches a training process (llamafactory-cli train, tor
     "_patch_data_converter_register_cmkp",
     "_patch_data_loader_load_single_dataset",
     "_patch_train_tuner_training_function",
+    "_patch_train_tuner_run_exp",
     "_patch_train_sft_workflow_trainer",
 }
 
@@ -142,27 +143,18 @@ def run_llamafactory(
         path = config
     argv = ["llamafactory-cli", "train", str(path), *cli_overrides]
 
-    def run() -> subprocess.CompletedProcess:
-        run_env = subprocess_env(**env)
-        if WarmCli.takes(run_env):
-            return WarmCli.shared().run(argv, REPO, run_env, workdir, timeout)
-        return subprocess.run(
-            argv,
-            cwd=REPO,
-            env=run_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,  # LLaMA-Factory logs to stdout, Python errors go to stderr: read them together
-            text=True,
-            timeout=timeout,
-        )
-
-    result = run()
-    if isinstance(config, dict) and exit_abort_after_training(result, env):
-        shutil.rmtree(config["output_dir"], ignore_errors=True)  # LLaMA-Factory refuses a non-empty output_dir
-        first = result.stdout
-        result = run()
-        result.stdout = f"{first}\n[tests] the run above was repeated after a rank's exit abort:\n{result.stdout}"
-    return result
+    run_env = subprocess_env(**env)
+    if WarmCli.takes(run_env):
+        return WarmCli.shared().run(argv, REPO, run_env, workdir, timeout)
+    return subprocess.run(
+        argv,
+        cwd=REPO,
+        env=run_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # LLaMA-Factory logs to stdout, Python errors go to stderr: read them together
+        text=True,
+        timeout=timeout,
+    )
 
 
 class WarmCli:
@@ -255,23 +247,6 @@ def run_side_by_side(runs: dict[str, dict], workdir: Path) -> dict[str, subproce
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(runs, pool.map(run, runs), strict=True))
-
-
-def exit_abort_after_training(result: subprocess.CompletedProcess, env: dict[str, str]) -> bool:
-    """A multi-rank CPU (gloo) run whose training completed, but one rank then aborted on its way out ("terminate
-    called without an active exception", exit -6). Seen with torch 2.10 in about one 2-rank run in ten on this
-    2-core machine, more often under load; the cause (somewhere in the process teardown after LLaMA-Factory's
-    destroy_process_group) is not found yet. Such a run is repeated once; a second abort, or any other failure,
-    fails the test. The abort is recognised by its signal (torchrun's "exitcode: -6") and message after a completed
-    training, not by the absence of earlier tracebacks: the aborting rank may print one on its way out (an exception
-    ignored in a destructor) before rank 0 logs "Training completed"."""
-    return (
-        result.returncode != 0
-        and env.get("NPROC_PER_NODE", "1") != "1"
-        and "Training completed" in result.stdout
-        and "terminate called without an active exception" in result.stdout
-        and "(exitcode: -6)" in result.stdout
-    )
 
 
 def read_trace(path: Path) -> list[dict]:

@@ -7,6 +7,7 @@ same adapter. Every run uses SGD so that float32 rounding stays at its own size 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from .helpers import REPO, aimkp_config, assert_same_adapter, read_state
 pytestmark = pytest.mark.e2e  # every test here runs llamafactory-cli, most on 2 ranks
 
 DEEPSPEED = REPO / "recipes" / "deepspeed"
+EARLY_INIT = Path(__file__).with_name("ds_early_init")  # the bf16 ZeRO-3 runs' rank start-up (a sitecustomize)
 TWO_RANKS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
@@ -123,24 +125,78 @@ def test_zero_stage_trains_as_ddp(
     assert_same_adapter(ddp_run, out, rtol=1e-5)
 
 
-def test_zero2_in_bf16_keeps_the_ddp_curriculum(
+@pytest.fixture(scope="module")
+def ddp_bf16_run(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from .helpers import run_llamafactory
+
+    out = tmp_path_factory.mktemp("ddp_bf16") / "run"
+    config = two_rank_config(tiny_models, cmkp_workspace, out, bf16=True, use_cpu=True)
+    result = run_llamafactory(config, out.parent, **TWO_RANKS)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return out
+
+
+def early_deepspeed_init() -> dict[str, str]:
+    """The environment of a bf16 ZeRO-3 run on a CPU. transformers takes bf16 there only with ``use_cpu``, which
+    skips ``deepspeed.init_distributed``, and ``deepspeed.zero.Init`` would then count one rank at model load
+    ("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 1 * 2 * 1"),
+    without AimKP as with it. Each rank therefore starts DeepSpeed's communication first, as transformers does on an
+    accelerator (``tests/ds_early_init/sitecustomize.py``)."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(EARLY_INIT), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_in_bf16_keeps_the_ddp_curriculum(
+    stage: int, ddp_bf16_run: Path, tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
+):
+    """bf16, the recipes' precision, with the projector trained at its own lr. DeepSpeed computes with bf16 weights
+    (float32 master copies), where LLaMA-Factory's DDP run keeps trained weights in float32 under autocast, so the
+    adapters differ by bf16 rounding (about 1% after these 12 SGD steps); the curriculum decisions are the same.
+    Under ZeRO-3 the run casts LoRA's float32 weights to the trained projector's bf16: without it DeepSpeed's
+    stage-3 optimizer stops on a parameter group of two dtypes."""
+    out = tmp_path / f"zero{stage}"
+    config = two_rank_config(
+        tiny_models, cmkp_workspace, out, bf16=True, use_cpu=True, deepspeed=deepspeed_config(stage, tmp_path)
+    )
+    result = llamafactory_runner(config, **TWO_RANKS, **(early_deepspeed_init() if stage == 3 else {}))
+    assert result.returncode == 0, result.stdout[-4000:]
+    if stage == 3:
+        assert "under ZeRO-3 the AimKP step gathers the whole model" in result.stdout
+        assert re.search(r"under ZeRO-3 \d+ trained parameters \(LoRA's\) are cast", result.stdout)
+    state = read_state(out)
+    assert state == read_state(ddp_bf16_run)
+    assert set(state["text_stride"]) == {8}  # the curriculum moved: 1 -> 2 -> 4 -> 8
+    assert_same_adapter(ddp_bf16_run, out, rtol=2e-2)
+
+
+def test_zero3_in_bf16_with_lora_only_keeps_the_ddp_curriculum(
     tiny_models: dict, cmkp_workspace: Path, tmp_path: Path, llamafactory_runner
 ):
-    """bf16, the recipes' precision. DeepSpeed computes with bf16 weights (float32 master copies), where
-    LLaMA-Factory's DDP run keeps trained weights in float32 under autocast, so the adapters differ by bf16 rounding
-    (about 1% after these 12 SGD steps); the curriculum decisions are the same.
-
-    ZeRO-3 in bf16 cannot start on a CPU: transformers needs ``use_cpu`` for bf16 there, ``use_cpu`` skips DeepSpeed's
-    distributed set-up, and the model's ``deepspeed.zero.Init`` then counts one rank ("train_batch_size is not equal
-    to micro_batch_per_gpu * gradient_acc_step * world_size 4 != 1 * 2 * 1"), without AimKP as with it."""
+    """ZeRO-3 in bf16 with LoRA only (LLaMA-Factory's default, no ``additional_target``): LoRA keeps its float32
+    weights, nothing is cast, and the run keeps DDP's curriculum and adapter as above. Both runs start from one
+    LoRA-only adapter (ZeRO-3 loads the model partitioned and would draw a new LoRA differently)."""
+    start = tmp_path / "start"
+    config = two_rank_config(tiny_models, cmkp_workspace, start, aimkp=False, learning_rate=0.0, max_steps=1)
+    for key in ("adapter_name_or_path", "aimkp_projector_lr", "additional_target"):
+        config.pop(key)
+    assert llamafactory_runner(config).returncode == 0
     runs = {}
-    for name, extra in (("ddp", {}), ("zero2", {"deepspeed": deepspeed_config(2, tmp_path)})):
+    zero3 = {"deepspeed": deepspeed_config(3, tmp_path)}
+    for name, extra, env in (("ddp", {}, {}), ("zero3", zero3, early_deepspeed_init())):
         runs[name] = tmp_path / name
-        config = two_rank_config(tiny_models, cmkp_workspace, runs[name], bf16=True, use_cpu=True, **extra)
-        result = llamafactory_runner(config, **TWO_RANKS)
+        config = two_rank_config(
+            tiny_models, cmkp_workspace, runs[name], bf16=True, use_cpu=True, adapter_name_or_path=str(start), **extra
+        )
+        for key in ("additional_target", "aimkp_projector_lr"):
+            config.pop(key)
+        result = llamafactory_runner(config, **TWO_RANKS, **env)
         assert result.returncode == 0, result.stdout[-4000:]
-    assert read_state(runs["zero2"]) == read_state(runs["ddp"])
-    assert_same_adapter(runs["ddp"], runs["zero2"], rtol=2e-2)
+    assert "under ZeRO-3 the AimKP step gathers the whole model" in result.stdout
+    assert "trained parameters (LoRA's) are cast" not in result.stdout
+    state = read_state(runs["zero3"])
+    assert state == read_state(runs["ddp"])
+    assert set(state["text_stride"]) == {8}  # the curriculum moved: 1 -> 2 -> 4 -> 8
+    assert_same_adapter(runs["ddp"], runs["zero3"], rtol=2e-2)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

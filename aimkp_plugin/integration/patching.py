@@ -77,7 +77,7 @@ def llamafactory_version_problem(version: str) -> str | None:
     )
 
 
-def _trace(module: str, patch: str, outcome: str) -> None:
+def trace(module: str, patch: str, outcome: str) -> None:
     """Append one JSON line per patch event to ``$AIMKP_PLUGIN_TRACE`` (for checking every process is reached)."""
     path = os.environ.get(TRACE_ENV)
     if not path:
@@ -161,7 +161,7 @@ def apply_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> bool
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         STATUS.failed[patch.__name__] = reason
-        _trace(module.__name__, patch.__name__, "failed")
+        trace(module.__name__, patch.__name__, "failed")
         print(
             f"aimkp-plugin: patch {patch.__name__} failed on {module.__name__} ({reason}); "
             "AimKP will refuse to train in this process.",
@@ -170,7 +170,7 @@ def apply_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> bool
         return False
     if patch.__name__ not in STATUS.applied:
         STATUS.applied.append(patch.__name__)
-    _trace(module.__name__, patch.__name__, "applied")
+    trace(module.__name__, patch.__name__, "applied")
     return True
 
 

@@ -15,7 +15,10 @@ PATCHES: dict[str, tuple[str, ...]] = {
     "llamafactory.data.parser": ("dataset:_patch_data_parser_dataset_attr_join",),
     "llamafactory.data.converter": ("dataset:_patch_data_converter_register_cmkp",),
     "llamafactory.data.loader": ("dataset:_patch_data_loader_load_single_dataset",),
-    "llamafactory.train.tuner": ("args:_patch_train_tuner_training_function",),
+    "llamafactory.train.tuner": (
+        "args:_patch_train_tuner_training_function",
+        "rank_exit:_patch_train_tuner_run_exp",
+    ),
     "llamafactory.train.sft.workflow": ("trainer:_patch_train_sft_workflow_trainer",),
     "llamafactory.webui.common": ("webui:_patch_webui_common_clean_cmd",),
     "llamafactory.webui.locales": ("webui:_patch_webui_locales_add_aimkp",),

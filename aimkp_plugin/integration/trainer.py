@@ -41,7 +41,7 @@ from .batches import BatchSplitter
 from .callback import AimkpCallback
 from .engines import distributed, engine_gradients
 from .evaluation import PREDICTIONS_FOLDER, KeyphraseMetrics, keyphrase_evaluation
-from .zero3 import full_bytes, is_partitioned, size_words
+from .zero3 import full_bytes, is_partitioned, size_words, trained_parameters_to_one_dtype
 
 
 # LLaMA-Factory's trainer imports its SFT workflow, whose patch (at the end of this module) needs this module whole
@@ -118,10 +118,23 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             self._aimkp_index_samples(kwargs)
         metrics = self._aimkp_keyphrase_metrics(kwargs)
         super().__init__(*args, **kwargs)
+        if self.aimkp is not None or self.aimkp_projector_lr is not None:
+            self._aimkp_one_trained_dtype()
         if metrics is not None:
             metrics.predictions_file = self._aimkp_predictions_file
         if self.aimkp_callback is not None:
             self._aimkp_prepare_step()  # reads modules and names only: under ZeRO-3 the weights are partitioned here
+
+    def _aimkp_one_trained_dtype(self) -> None:
+        """Under ZeRO-3 in bf16, LoRA's float32 weights to the trained projector's bf16, before DeepSpeed builds its
+        optimizer (:func:`~.zero3.trained_parameters_to_one_dtype`)."""
+        cast = trained_parameters_to_one_dtype(self.accelerator.unwrap_model(self.model))
+        if cast:
+            logger.info(
+                f"aimkp-plugin: under ZeRO-3 {len(cast)} trained parameters (LoRA's) are cast to the dtype in which "
+                "ZeRO-3 holds the model, as DeepSpeed's stage-3 optimizer takes one dtype per parameter group; its "
+                "master copies stay float32 (docs/engines.md)."
+            )
 
     def _aimkp_index_samples(self, kwargs: dict[str, Any]) -> None:
         """Give every training sample its index (a dataset column the collator turns into a batch tensor), and the

@@ -55,6 +55,34 @@ def is_partitioned(parameter: torch.Tensor) -> bool:
     return hasattr(parameter, "ds_id")
 
 
+def trained_parameters_to_one_dtype(model: torch.nn.Module) -> list[str]:
+    """Under ZeRO-3, when the trained parameters are of two dtypes: cast them to the dtype in which
+    ``deepspeed.zero.Init`` holds the model; the names of those cast (none when they are of one dtype already).
+
+    ``deepspeed.zero.Init`` holds the loaded model in the half dtype of a bf16 (or fp16) run. LLaMA-Factory then leaves
+    the trained parameters as they are under ZeRO-3: LoRA's, created after the load, in float32; the
+    ``additional_target`` copies (a trained projector or ``lm_head``), copied from the loaded modules, in the half
+    dtype. DeepSpeed's stage-3 optimizer takes one dtype per parameter group and stops at the first step otherwise
+    (``assert len(set(t.dtype for t in tensors)) == 1`` in ``defragment``), with or without AimKP. The cast makes the
+    trained parameters what DeepSpeed's ZeRO-0/1/2 engines make the whole module in bf16 (``module.bfloat16()``):
+    half-dtype weights in the passes, float32 master copies in the optimizer. LoRA alone keeps its float32."""
+    held = {parameter.dtype for parameter in model.parameters() if is_partitioned(parameter)}
+    trained = [
+        (name, parameter)
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and parameter.is_floating_point()
+    ]
+    if len(held) != 1 or len({parameter.dtype for _, parameter in trained}) < 2:
+        return []
+    dtype = held.pop()
+    cast = []
+    for name, parameter in trained:
+        if parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+            cast.append(name)
+    return cast
+
+
 def full_bytes(parameters: Sequence[torch.Tensor]) -> int:
     """The size of ``parameters`` gathered: ``ds_numel`` elements for a partitioned one."""
     return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in parameters)
