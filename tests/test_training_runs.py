@@ -78,7 +78,13 @@ def test_hook_fires_in_both_torchrun_ranks(
     out = tmp_path / "out"
     config = tiny_train_config(tiny_models["llava"], "llava", cmkp_workspace, out, aimkp_init_stride=2)
     result = llamafactory_runner(
-        config, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", AIMKP_PLUGIN_TRACE=str(trace), OMP_NUM_THREADS="1"
+        config,
+        FORCE_TORCHRUN="1",
+        NPROC_PER_NODE="2",
+        AIMKP_PLUGIN_TRACE=str(trace),
+        OMP_NUM_THREADS="1",
+        LLAMABOARD_ENABLED="1",  # as a LlamaBoard run: its log handler's thread pool must end before the rank does
+        LLAMABOARD_WORKDIR=str(out),
     )
     assert result.returncode == 0, result.stdout[-4000:]
     assert "world size: 2" in result.stdout
@@ -92,6 +98,7 @@ def test_hook_fires_in_both_torchrun_ranks(
     # each gloo rank ends without the native teardown in which its leaked backend's threads can abort it
     assert ended == {"0", "1"}
     assert (out / "adapter_model.safetensors").is_file() and (out / "trainer_state.json").is_file()
+    assert "Training completed" in (out / "running_log.txt").read_text()
 
 
 def test_aimkp_true_rejects_a_model_without_image_input(cmkp_workspace: Path, tmp_path: Path, llamafactory_runner):

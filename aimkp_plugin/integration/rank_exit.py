@@ -11,10 +11,13 @@ completed and every file was saved, and torchrun reports the whole run as failed
 process group is not destroyed when the process exits), #130345 (no ``shutdown()`` for ``ProcessGroupGloo``) and the
 abandoned PR #179291 (destroy the groups before interpreter finalization, since gloo's threads crash it with SIGABRT).
 
-Such a rank, once ``run_exp`` has returned, ends here the way the interpreter would, without its native teardown:
-the non-daemon threads are joined, the ``atexit`` handlers run (logging's flush, data-loader workers, experiment
-trackers), the standard streams are flushed, and the process exits with status 0. A run that fails raises before this
-point and keeps its exit status and traceback.
+Such a rank, once ``run_exp`` has returned, ends here without that native teardown. It takes the Python steps of the
+interpreter's own exit: ``threading._shutdown()`` (the hooks of ``threading._register_atexit``, which let idle
+thread-pool workers end, then the join of the non-daemon threads), the ``atexit`` handlers (logging's flush and close,
+data-loader workers, experiment trackers, ``weakref.finalize`` callbacks), the standard streams flushed; then it exits
+with status 0. What it skips is the garbage collection of the remaining objects: ``__del__`` methods, and the buffers
+of files a library left open without closing them. A run that fails raises before this point and keeps its exit
+status and traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import importlib.util
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,8 +52,9 @@ def launcher_is_main() -> bool:
 
 def ends_without_teardown() -> bool:
     """Whether this rank ends without native teardown after ``run_exp``: an AimKP run (any ``aimkp*`` key) in a
-    torchrun rank of more than one process, on CPUs only (the gloo backend), with ``__main__`` LLaMA-Factory's
-    launcher, unless ``AIMKP_FULL_TEARDOWN=1``."""
+    torchrun rank of more than one process, on a machine without an accelerator (the gloo backend), with
+    ``__main__`` LLaMA-Factory's launcher, unless ``AIMKP_FULL_TEARDOWN=1``. A CPU run on a machine with a GPU
+    (``use_cpu``) keeps the normal exit."""
     import torch
 
     return (
@@ -62,15 +67,12 @@ def ends_without_teardown() -> bool:
 
 
 def end_rank_without_teardown() -> None:
-    """Exit the process with status 0 as the interpreter's own exit would, less the native teardown: join the
-    non-daemon threads, run the ``atexit`` handlers, flush the standard streams, ``os._exit(0)``. The exit is
-    recorded in ``$AIMKP_PLUGIN_TRACE`` when that is set."""
-    patching.trace("llamafactory.train.tuner", "_patch_train_tuner_run_exp", ENDED)
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
+    """Exit the process with status 0 after the Python steps of the interpreter's own exit (this module's docstring):
+    ``threading._shutdown()``, the ``atexit`` handlers, the standard streams flushed, then ``os._exit(0)``. The exit
+    is recorded in ``$AIMKP_PLUGIN_TRACE`` when that is set."""
+    threading._shutdown()  # what Py_FinalizeEx calls first; private, as the atexit call below
     atexit._run_exitfuncs()
+    patching.trace("llamafactory.train.tuner", "_patch_train_tuner_run_exp", ENDED)
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
@@ -88,7 +90,7 @@ def _patch_train_tuner_run_exp(module: ModuleType) -> None:
     ``ProcessGroupGloo`` gains the ``shutdown`` of pytorch/pytorch#130345).
     """
 
-    def run_exp(original: Any, *args: Any, **kwargs: Any) -> Any:
+    def run_exp(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
         if ends_without_teardown():
             end_rank_without_teardown()

@@ -126,14 +126,14 @@ class AimkpSeq2SeqTrainer(CustomSeq2SeqTrainer):
             self._aimkp_prepare_step()  # reads modules and names only: under ZeRO-3 the weights are partitioned here
 
     def _aimkp_one_trained_dtype(self) -> None:
-        """Under ZeRO-3 in bf16, LoRA's float32 weights to the trained projector's bf16, before DeepSpeed builds its
-        optimizer (:func:`~.zero3.trained_parameters_to_one_dtype`)."""
+        """Under ZeRO-3 in bf16, the adapter's float32 weights to the trained projector's bf16, before DeepSpeed
+        builds its optimizer (:func:`~.zero3.trained_parameters_to_one_dtype`)."""
         cast = trained_parameters_to_one_dtype(self.accelerator.unwrap_model(self.model))
         if cast:
             logger.info(
-                f"aimkp-plugin: under ZeRO-3 {len(cast)} trained parameters (LoRA's) are cast to the dtype in which "
-                "ZeRO-3 holds the model, as DeepSpeed's stage-3 optimizer takes one dtype per parameter group; its "
-                "master copies stay float32 (docs/engines.md)."
+                f"aimkp-plugin: under ZeRO-3 {len(cast)} trained parameters (the adapter's) are cast to the dtype in "
+                "which ZeRO-3 holds the model, as DeepSpeed's stage-3 optimizer takes one dtype across all trained "
+                "parameters; its master copies stay float32 (docs/engines.md)."
             )
 
     def _aimkp_index_samples(self, kwargs: dict[str, Any]) -> None:

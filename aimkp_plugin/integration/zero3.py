@@ -60,12 +60,13 @@ def trained_parameters_to_one_dtype(model: torch.nn.Module) -> list[str]:
     ``deepspeed.zero.Init`` holds the model; the names of those cast (none when they are of one dtype already).
 
     ``deepspeed.zero.Init`` holds the loaded model in the half dtype of a bf16 (or fp16) run. LLaMA-Factory then leaves
-    the trained parameters as they are under ZeRO-3: LoRA's, created after the load, in float32; the
+    the trained parameters as they are under ZeRO-3: the adapter's (LoRA's), created after the load, in float32; the
     ``additional_target`` copies (a trained projector or ``lm_head``), copied from the loaded modules, in the half
-    dtype. DeepSpeed's stage-3 optimizer takes one dtype per parameter group and stops at the first step otherwise
-    (``assert len(set(t.dtype for t in tensors)) == 1`` in ``defragment``), with or without AimKP. The cast makes the
-    trained parameters what DeepSpeed's ZeRO-0/1/2 engines make the whole module in bf16 (``module.bfloat16()``):
-    half-dtype weights in the passes, float32 master copies in the optimizer. LoRA alone keeps its float32."""
+    dtype. Without ``offload_param``, DeepSpeed's stage-3 optimizer takes one dtype across all trained parameters and
+    stops while it is built otherwise (``assert len(set(t.dtype for t in tensors)) == 1`` in ``defragment``), with or
+    without AimKP; with it, DeepSpeed converts them all to the first one's dtype. The cast makes the trained
+    parameters what DeepSpeed's ZeRO-0/1/2 engines make every parameter in bf16: half-dtype weights in the passes,
+    float32 master copies in the optimizer. An adapter alone keeps its float32."""
     held = {parameter.dtype for parameter in model.parameters() if is_partitioned(parameter)}
     trained = [
         (name, parameter)
