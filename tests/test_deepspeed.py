@@ -43,6 +43,16 @@ def two_rank_config(tiny_models: dict, workspace: Path, out: Path, **overrides) 
 
 
 START_ADAPTER: list[Path] = []  # set by the start_adapter fixture, which every run here uses
+LORA_ONLY = ("additional_target", "aimkp_projector_lr")  # the keys without which a run trains LoRA alone
+
+
+def start_adapter_config(tiny_models: dict, workspace: Path, out: Path, *dropped: str) -> dict:
+    """A one-step run at learning rate 0, without AimKP, that saves the adapter other runs start from, with the
+    settings of :func:`two_rank_config` but ``dropped``."""
+    config = two_rank_config(tiny_models, workspace, out, aimkp=False, learning_rate=0.0, max_steps=1)
+    for key in ("adapter_name_or_path", "aimkp_projector_lr", *dropped):
+        config.pop(key)
+    return config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,10 +63,7 @@ def start_adapter(tiny_models: dict, cmkp_workspace: Path, tmp_path_factory: pyt
 
     out = tmp_path_factory.mktemp("start") / "adapter"
     START_ADAPTER[:] = [out]
-    config = two_rank_config(tiny_models, cmkp_workspace, out, aimkp=False, learning_rate=0.0, max_steps=1)
-    for key in ("adapter_name_or_path", "aimkp_projector_lr"):
-        config.pop(key)
-    result = run_llamafactory(config, out.parent)
+    result = run_llamafactory(start_adapter_config(tiny_models, cmkp_workspace, out), out.parent)
     assert result.returncode == 0, result.stdout[-4000:]
     return out
 
@@ -179,9 +186,7 @@ def test_zero3_in_bf16_with_lora_only_keeps_the_ddp_curriculum(
     weights, nothing is cast, and the run keeps DDP's curriculum and adapter as above. Both runs start from one
     LoRA-only adapter (ZeRO-3 loads the model partitioned and would draw a new LoRA differently)."""
     start = tmp_path / "start"
-    config = two_rank_config(tiny_models, cmkp_workspace, start, aimkp=False, learning_rate=0.0, max_steps=1)
-    for key in ("adapter_name_or_path", "aimkp_projector_lr", "additional_target"):
-        config.pop(key)
+    config = start_adapter_config(tiny_models, cmkp_workspace, start, "additional_target")  # LoRA only
     assert llamafactory_runner(config).returncode == 0
     runs, results = {}, {}
     zero3 = {"deepspeed": deepspeed_config(3, tmp_path)}
@@ -190,7 +195,7 @@ def test_zero3_in_bf16_with_lora_only_keeps_the_ddp_curriculum(
         config = two_rank_config(
             tiny_models, cmkp_workspace, runs[name], bf16=True, use_cpu=True, adapter_name_or_path=str(start), **extra
         )
-        for key in ("additional_target", "aimkp_projector_lr"):
+        for key in LORA_ONLY:
             config.pop(key)
         results[name] = llamafactory_runner(config, **TWO_RANKS, **env)
         assert results[name].returncode == 0, results[name].stdout[-4000:]
